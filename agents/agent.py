@@ -1,0 +1,150 @@
+"""The DeFi agent: runs the graph for one question, optionally inside a session, whole or streamed."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from agents.graph import AgentSettings, build_graph
+from agents.state import AgentState, InputState
+from agents.validation import clean_question
+from infrastructure.metrics import AGENT_CONFIDENCE, AGENT_PROCESSING, AGENT_QUERIES
+from services.embeddings import EmbeddingError, EmbeddingService
+from services.retrieval import Retriever
+from services.sessions import Session, SessionStore, Turn
+
+logger = structlog.get_logger(__name__)
+
+
+class AgentUnavailableError(RuntimeError):
+    """The agent cannot answer right now (e.g. the embedder failed); the caller should retry later."""
+
+
+@dataclass(frozen=True)
+class AgentResult:
+    """A finished answer."""
+
+    answer: str
+    confidence: float
+    processing_stage: str
+    sources: list[dict[str, Any]]
+    resolved_question: str
+    session_id: str | None = None
+    error: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class DeFiAgent:
+    """Answers DeFi questions from the knowledge base; session-aware."""
+
+    def __init__(
+        self, embeddings: EmbeddingService, retriever: Retriever, sessions: SessionStore, settings: AgentSettings
+    ) -> None:
+        self.embeddings = embeddings
+        self.retriever = retriever
+        self.sessions = sessions
+        self.settings = settings
+        self._graph = build_graph(embeddings, retriever, settings)
+
+    def clean_question(self, raw: object) -> str:
+        """Validate and strip a question (raises InvalidQuestionError)."""
+        return clean_question(raw, self.settings.question_max_chars)
+
+    async def answer(self, question: str, session: Session | None = None) -> AgentResult:
+        """Answer one question; inside `session` the previous turn gives follow-ups their context."""
+        async with self._session_lock(session):
+            state = await self._run(self._input(question, session, streaming=False))
+            return self._finish(question, state, session)
+
+    async def stream(self, question: str, session: Session | None = None) -> AsyncIterator[dict[str, Any]]:
+        """Yield `metadata`, `word`... and `complete` events; an `error` event ends a failed stream."""
+        async with self._session_lock(session):
+            started = time.perf_counter()
+            final: AgentState | None = None
+            try:
+                async for mode, chunk in self._graph.astream(
+                    self._input(question, session, streaming=True), stream_mode=["custom", "values"]
+                ):
+                    if mode == "custom":
+                        yield chunk
+                    else:
+                        final = chunk
+            except EmbeddingError as error:
+                AGENT_QUERIES.labels(outcome="error").inc()
+                logger.error("agent_failed", error=str(error))
+                message = "The embedding model is unavailable; please retry shortly."
+                yield {"type": "error", "message": message, "error": message}
+                return
+            AGENT_PROCESSING.observe(time.perf_counter() - started)
+            assert final is not None
+            result = self._finish(question, final, session)
+            yield {
+                "type": "complete",
+                "final_confidence": result.confidence,
+                "processing_stage": result.processing_stage,
+                "total_words": len(result.answer.split()),
+            }
+
+    def _session_lock(self, session: Session | None) -> AbstractAsyncContextManager[object]:
+        return session.lock if session is not None else nullcontext()
+
+    @staticmethod
+    def _input(question: str, session: Session | None, streaming: bool) -> InputState:
+        previous = session.turns[-1].resolved_question if session is not None and session.turns else None
+        return {
+            "question": question,
+            "previous_question": previous,
+            "session_id": session.id if session is not None else None,
+            "streaming": streaming,
+        }
+
+    async def _run(self, state: InputState) -> AgentState:
+        started = time.perf_counter()
+        try:
+            final: AgentState = await self._graph.ainvoke(state)  # type: ignore[assignment]
+        except EmbeddingError as error:
+            AGENT_QUERIES.labels(outcome="error").inc()
+            logger.error("agent_failed", error=str(error))
+            raise AgentUnavailableError("The embedding model is unavailable; please retry shortly.") from error
+        AGENT_PROCESSING.observe(time.perf_counter() - started)
+        return final
+
+    def _finish(self, question: str, state: AgentState, session: Session | None) -> AgentResult:
+        stage = state["processing_stage"]
+        AGENT_QUERIES.labels(outcome="answered" if stage == "response_complete" else "no_match").inc()
+        AGENT_CONFIDENCE.observe(state["confidence"])
+        result = AgentResult(
+            answer=state["answer"],
+            confidence=state["confidence"],
+            processing_stage=stage,
+            sources=state["sources"],
+            resolved_question=state["resolved_question"],
+            session_id=session.id if session is not None else None,
+            error=state.get("error"),
+        )
+        if session is not None:
+            self.sessions.add_turn(
+                session,
+                Turn(
+                    question=question,
+                    resolved_question=result.resolved_question,
+                    answer=result.answer,
+                    confidence=result.confidence,
+                    processing_stage=stage,
+                    sources=tuple(result.sources),
+                    timestamp=time.time(),
+                ),
+            )
+        logger.info(
+            "question_answered",
+            processing_stage=stage,
+            confidence=result.confidence,
+            top_source=result.sources[0]["id"] if result.sources else None,
+            session_id=result.session_id,
+        )
+        return result

@@ -1,0 +1,155 @@
+"""The question-answering graph: validate -> contextualize -> embed -> retrieve -> decide -> compose -> emit.
+
+Nodes are async functions over the typed state that return only the keys they change. When the
+caller streams (`streaming=True`), the `emit` node writes `metadata` and `word` events through
+LangGraph's custom stream; `ainvoke` callers get the final state and no events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from langgraph.config import get_stream_writer
+from langgraph.graph import END, START, StateGraph
+from langgraph.graph.state import CompiledStateGraph
+
+from agents.followup import resolve_follow_up
+from agents.state import AgentState, InputState
+from agents.validation import clean_question
+from infrastructure.metrics import AGENT_NODE_DURATION
+from services.embeddings import EmbeddingService
+from services.retrieval import Match, Retriever
+
+NO_MATCH_PREFIX = "I don't have a reliable answer to that."
+SUGGESTION_COUNT = 3
+
+Node = Callable[[AgentState], Awaitable[dict[str, Any]]]
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    """The knobs the graph reads."""
+
+    similarity_threshold: float
+    max_results: int
+    question_max_chars: int
+    word_delay_seconds: float
+
+
+def _timed(name: str, node: Node) -> Node:
+    @functools.wraps(node)
+    async def run(state: AgentState) -> dict[str, Any]:
+        started = time.perf_counter()
+        try:
+            return await node(state)
+        finally:
+            AGENT_NODE_DURATION.labels(node=name).observe(time.perf_counter() - started)
+
+    return run
+
+
+def no_match_answer(suggestions: list[Match]) -> str:
+    """The honest decline, with up to three closest topics to try instead."""
+    if not suggestions:
+        return f"{NO_MATCH_PREFIX} I can only answer questions about decentralized finance (DeFi)."
+    topics = "; ".join(f'"{match.entry.question}"' for match in suggestions[:SUGGESTION_COUNT])
+    return (
+        f"{NO_MATCH_PREFIX} I answer questions about decentralized finance (DeFi) from a curated "
+        f"knowledge base. Closest topics I know about: {topics}"
+    )
+
+
+def build_graph(
+    embeddings: EmbeddingService, retriever: Retriever, settings: AgentSettings
+) -> CompiledStateGraph[AgentState, None, InputState, AgentState]:
+    """Compile the agent graph over the given services."""
+
+    async def validate(state: AgentState) -> dict[str, Any]:
+        return {"question": clean_question(state["question"], settings.question_max_chars)}
+
+    async def contextualize(state: AgentState) -> dict[str, Any]:
+        resolved = resolve_follow_up(state["question"], state.get("previous_question"))
+        candidates = [resolved] if resolved == state["question"] else [resolved, state["question"]]
+        return {"candidates": candidates}
+
+    async def embed(state: AgentState) -> dict[str, Any]:
+        vectors = await asyncio.gather(*(embeddings.embed_query(text) for text in state["candidates"]))
+        return {"vectors": list(vectors)}
+
+    async def retrieve(state: AgentState) -> dict[str, Any]:
+        best_text, best_matches = "", list[Match]()
+        for text, vector in zip(state["candidates"], state["vectors"], strict=True):
+            matches = retriever.search(vector, text, settings.max_results)
+            if not best_matches or (matches and matches[0].score > best_matches[0].score):
+                best_text, best_matches = text, matches
+        confidence = best_matches[0].score if best_matches else 0.0
+        return {"resolved_question": best_text, "matches": best_matches, "confidence": round(confidence, 4)}
+
+    def decide(state: AgentState) -> Literal["compose_answer", "compose_no_match"]:
+        if state["matches"] and state["confidence"] >= settings.similarity_threshold:
+            return "compose_answer"
+        return "compose_no_match"
+
+    async def compose_answer(state: AgentState) -> dict[str, Any]:
+        sources = [
+            {"id": match.entry.id, "question": match.entry.question, "score": round(match.score, 4)}
+            for match in state["matches"]
+        ]
+        return {
+            "answer": state["matches"][0].entry.answer,
+            "sources": sources,
+            "processing_stage": "response_complete",
+            "error": None,
+        }
+
+    async def compose_no_match(state: AgentState) -> dict[str, Any]:
+        return {
+            "answer": no_match_answer(state["matches"]),
+            "sources": [],
+            "processing_stage": "no_match",
+            "error": None,
+        }
+
+    async def emit(state: AgentState) -> dict[str, Any]:
+        if not state.get("streaming"):
+            return {}
+        write = get_stream_writer()
+        words = state["answer"].split()
+        confidence = state["confidence"]
+        write(
+            {
+                "type": "metadata",
+                "session_id": state.get("session_id"),
+                "total_words": len(words),
+                "confidence": confidence,
+                "sources": state["sources"],
+            }
+        )
+        for index, word in enumerate(words):
+            if settings.word_delay_seconds > 0:
+                await asyncio.sleep(settings.word_delay_seconds)
+            write({"type": "word", "content": word, "index": index, "confidence": confidence})
+        return {}
+
+    graph = StateGraph(AgentState, input_schema=InputState)
+    graph.add_node("validate", _timed("validate", validate))
+    graph.add_node("contextualize", _timed("contextualize", contextualize))
+    graph.add_node("embed", _timed("embed", embed))
+    graph.add_node("retrieve", _timed("retrieve", retrieve))
+    graph.add_node("compose_answer", _timed("compose_answer", compose_answer))
+    graph.add_node("compose_no_match", _timed("compose_no_match", compose_no_match))
+    graph.add_node("emit", _timed("emit", emit))
+    graph.add_edge(START, "validate")
+    graph.add_edge("validate", "contextualize")
+    graph.add_edge("contextualize", "embed")
+    graph.add_edge("embed", "retrieve")
+    graph.add_conditional_edges("retrieve", decide)
+    graph.add_edge("compose_answer", "emit")
+    graph.add_edge("compose_no_match", "emit")
+    graph.add_edge("emit", END)
+    return graph.compile()

@@ -1,0 +1,32 @@
+"""Typed state that flows through the agent graph."""
+
+from __future__ import annotations
+
+from typing import TypedDict
+
+import numpy as np
+
+from services.retrieval import Match
+
+
+class InputState(TypedDict):
+    """What a caller gives the graph."""
+
+    question: str
+    previous_question: str | None
+    session_id: str | None
+    streaming: bool
+
+
+class AgentState(InputState, total=False):
+    """Everything the nodes produce, on top of the input."""
+
+    candidates: list[str]
+    vectors: list[np.ndarray]
+    resolved_question: str
+    matches: list[Match]
+    confidence: float
+    processing_stage: str
+    answer: str
+    sources: list[dict[str, object]]
+    error: str | None

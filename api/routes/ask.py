@@ -1,0 +1,80 @@
+"""Question endpoints: stateless `/ask` and session-aware `/v2/ask`, plus session inspection."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+
+from agents.agent import AgentResult
+from api.deps import AgentDep, SessionsDep, SettingsDep
+from api.schemas import AskRequest, AskResponse, ErrorResponse, SessionAskRequest, SessionOut, Source, TurnOut
+from middleware.errors import error_response
+
+router = APIRouter(tags=["questions"])
+
+_ERRORS: dict[int | str, dict[str, object]] = {
+    413: {"model": ErrorResponse, "description": "Body too large"},
+    422: {"model": ErrorResponse, "description": "Invalid question"},
+    503: {"model": ErrorResponse, "description": "Embedding model unavailable"},
+}
+
+
+def _to_response(result: AgentResult) -> AskResponse:
+    return AskResponse(
+        answer=result.answer,
+        confidence=result.confidence,
+        processing_stage=result.processing_stage,  # type: ignore[arg-type]
+        error=result.error,
+        session_id=result.session_id,
+        sources=[Source.model_validate(source) for source in result.sources],
+    )
+
+
+@router.post("/ask", response_model=AskResponse, responses=_ERRORS)
+async def ask(body: AskRequest, agent: AgentDep) -> AskResponse:
+    """Answer one question without a session."""
+    question = agent.clean_question(body.question)
+    return _to_response(await agent.answer(question))
+
+
+@router.post("/v2/ask", response_model=AskResponse, responses=_ERRORS)
+async def ask_in_session(body: SessionAskRequest, agent: AgentDep, response: Response) -> AskResponse:
+    """Answer a question inside a session; unknown or expired ids start a new session."""
+    question = agent.clean_question(body.question)
+    session = agent.sessions.get_or_create(body.session_id)
+    response.headers["X-Session-ID"] = session.id
+    return _to_response(await agent.answer(question, session))
+
+
+@router.get(
+    "/v2/sessions/{session_id}", response_model=SessionOut, responses={404: {"model": ErrorResponse}}
+)
+async def get_session(session_id: str, sessions: SessionsDep, settings: SettingsDep) -> SessionOut | Response:
+    """The turns of a live session."""
+    session = sessions.get(session_id)
+    if session is None:
+        return error_response(404, f"Session {session_id[:128]} not found or expired", "session_not_found")
+    return SessionOut(
+        session_id=session.id,
+        created_at=session.created_at,
+        last_active=session.last_active,
+        expires_at=session.last_active + settings.session_ttl_seconds,
+        turns=[
+            TurnOut(
+                question=turn.question,
+                answer=turn.answer,
+                confidence=turn.confidence,
+                processing_stage=turn.processing_stage,  # type: ignore[arg-type]
+                sources=[Source.model_validate(source) for source in turn.sources],
+                timestamp=turn.timestamp,
+            )
+            for turn in session.turns
+        ],
+    )
+
+
+@router.delete("/v2/sessions/{session_id}", status_code=204, responses={404: {"model": ErrorResponse}})
+async def delete_session(session_id: str, sessions: SessionsDep) -> Response:
+    """End a session."""
+    if not sessions.delete(session_id):
+        return error_response(404, f"Session {session_id[:128]} not found or expired", "session_not_found")
+    return Response(status_code=204)

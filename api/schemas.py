@@ -1,0 +1,85 @@
+"""Request and response bodies of the HTTP API (they also document /openapi.json)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictStr
+
+ProcessingStage = Literal["response_complete", "no_match"]
+
+
+class AskRequest(BaseModel):
+    """A stateless question."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"question": "What is impermanent loss?"}]})
+
+    question: StrictStr = Field(description="The question, 1 to QUESTION_MAX_CHARS characters after stripping.")
+
+
+class SessionAskRequest(AskRequest):
+    """A question inside a conversation; omit `session_id` to start one."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"question": "What are its risks?", "session_id": "5f0c2a…"}]}
+    )
+
+    session_id: StrictStr | None = Field(
+        default=None, pattern=r"^[A-Za-z0-9_-]{1,128}$", description="An id returned by an earlier answer."
+    )
+
+
+class Source(BaseModel):
+    """A knowledge-base entry the answer was drawn from, with its similarity score."""
+
+    id: str
+    question: str
+    score: float = Field(ge=0.0, le=1.0)
+
+
+class AskResponse(BaseModel):
+    """An answer. `confidence` is the best entry's similarity in [0, 1]."""
+
+    answer: str
+    confidence: float = Field(ge=0.0, le=1.0)
+    processing_stage: ProcessingStage
+    error: str | None = None
+    session_id: str | None = None
+    sources: list[Source]
+
+
+class TurnOut(BaseModel):
+    """One answered question of a session."""
+
+    question: str
+    answer: str
+    confidence: float
+    processing_stage: ProcessingStage
+    sources: list[Source]
+    timestamp: float
+
+
+class SessionOut(BaseModel):
+    """A session and its turns, oldest first."""
+
+    session_id: str
+    created_at: float
+    last_active: float
+    expires_at: float
+    turns: list[TurnOut]
+
+
+class HealthResponse(BaseModel):
+    """Liveness."""
+
+    status: Literal["healthy"]
+    agent_loaded: bool
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    """The error format of every endpoint."""
+
+    detail: str
+    type: str
+    code: str

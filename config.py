@@ -1,0 +1,139 @@
+"""Service configuration: one pydantic-settings class read from the environment and `.env`."""
+
+from __future__ import annotations
+
+import sys
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parent
+
+Environment = Literal["development", "test", "staging", "production"]
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+
+
+class Settings(BaseSettings):
+    """Every setting the service reads. Names match the environment variables (case-insensitive)."""
+
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", case_sensitive=False
+    )
+
+    # Runtime
+    environment: Environment = "development"
+    debug: bool = False
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    reload: bool = False
+    workers: int = Field(default=1, ge=1, le=64)
+    enable_docs: bool = True
+
+    # Logging
+    log_level: LogLevel = "INFO"
+    enable_console_logs: bool = True
+    log_dir: str = "logs"
+    log_question_max_chars: int = Field(default=80, ge=0)
+
+    # HTTP
+    allowed_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["http://localhost:3000", "http://localhost:8000", "http://127.0.0.1:8000"]
+    )
+    rate_limit_requests_per_minute: int = Field(default=200, gt=0)
+    rate_limit_window_seconds: int = Field(default=60, gt=0)
+    max_body_bytes: int = Field(default=16_384, ge=1024)
+    secret_key: SecretStr | None = None
+    use_https: bool = False
+
+    # Agent and retrieval
+    agent_similarity_threshold: float = Field(default=0.42, ge=0.0, le=1.0)
+    agent_max_results: int = Field(default=5, ge=1, le=50)
+    agent_cache_enabled: bool = True
+    question_max_chars: int = Field(default=1000, ge=10, le=100_000)
+    dataset_path: Path = PROJECT_ROOT / "data" / "knowledge_base.json"
+
+    # Embeddings and cache
+    embedding_provider: Literal["local", "openai"] = "local"
+    embedding_batch_size: int = Field(default=32, ge=1, le=256)
+    embedding_batch_window_ms: float = Field(default=2.0, ge=0.0, le=100.0)
+    embedding_threads: int = Field(default=0, ge=0, le=64)
+    cache_enabled: bool = True
+    cache_dir: Path = PROJECT_ROOT / "cache"
+    cache_max_size: int = Field(default=1000, ge=1)
+    cache_expiry_days: int = Field(default=30, ge=1)
+
+    # OpenAI-compatible provider (optional)
+    openai_api_key: SecretStr | None = None
+    openai_base_url: str | None = None
+    openai_embedding_model: str = "text-embedding-3-small"
+    openai_timeout_seconds: float = Field(default=20.0, gt=0)
+    openai_max_retries: int = Field(default=2, ge=0, le=10)
+
+    # Sessions
+    session_ttl_seconds: int = Field(default=1800, gt=0)
+    max_sessions: int = Field(default=10_000, gt=0)
+    session_max_turns: int = Field(default=20, gt=0)
+    session_cleanup_interval_seconds: float = Field(default=60.0, gt=0)
+
+    # Streaming
+    stream_word_delay_ms: float = Field(default=0.0, ge=0.0, le=2000.0)
+    ws_heartbeat_interval_seconds: float = Field(default=30.0, gt=0)
+    ws_idle_timeout_intervals: int = Field(default=3, ge=1)
+    ws_max_message_bytes: int = Field(default=16_384, ge=1024)
+    ws_max_messages_per_minute: int = Field(default=120, gt=0)
+    ws_max_queued_questions: int = Field(default=10, gt=0)
+
+    @field_validator("allowed_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [origin.strip() for origin in value.split(",") if origin.strip()]
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_log_level(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> Settings:
+        if self.environment == "production":
+            if self.debug:
+                raise ValueError("DEBUG must be false when ENVIRONMENT=production")
+            if self.secret_key is None:
+                raise ValueError("SECRET_KEY must be set when ENVIRONMENT=production")
+            if "*" in self.allowed_origins:
+                raise ValueError("ALLOWED_ORIGINS must not contain '*' when ENVIRONMENT=production")
+        if self.embedding_provider == "openai" and self.openai_api_key is None:
+            raise ValueError("OPENAI_API_KEY must be set when EMBEDDING_PROVIDER=openai")
+        return self
+
+    @property
+    def is_production(self) -> bool:
+        """Whether the service runs with production safeguards."""
+        return self.environment == "production"
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """Turn a settings validation error into one line that names the offending variable."""
+    first = error.errors()[0]
+    names = [str(part).upper() for part in first.get("loc", ()) if part != "__root__"]
+    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    if names:
+        value = first.get("input")
+        shown = f"={value!r}" if isinstance(value, str | int | float) else ""
+        return f"Invalid configuration: {names[0]}{shown}: {message}"
+    return f"Invalid configuration: {message}"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Load settings once; on a bad value print one clear line and stop the process."""
+    try:
+        return Settings()
+    except ValidationError as error:
+        print(describe_validation_error(error), file=sys.stderr)
+        raise SystemExit(2) from None

@@ -1,0 +1,111 @@
+"""DeFi Q&A Bot: the app factory, its lifespan, and `python main.py` to serve it."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
+
+import structlog
+import uvicorn
+from asgi_correlation_id import CorrelationIdMiddleware
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from agents.factory import build_agent
+from api.routes import ask, health
+from config import Settings, get_settings
+from infrastructure.logging import configure_logging
+from middleware.body_limit import BodySizeLimitMiddleware
+from middleware.errors import install_error_handlers
+from middleware.request_context import RequestContextMiddleware
+from middleware.security_headers import SecurityHeadersMiddleware
+from services.knowledge_base import DatasetError
+
+logger = structlog.get_logger(__name__)
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Build the agent once (off the loop), run background tasks, release everything at shutdown."""
+    settings: Settings = app.state.settings
+    try:
+        agent = await asyncio.to_thread(build_agent, settings)
+    except DatasetError as error:
+        logger.error("startup_failed", error=str(error))
+        raise SystemExit(f"Start-up failed: {error}") from None
+    await agent.embeddings.start()
+    app.state.agent = agent
+    cleanup = asyncio.create_task(agent.sessions.run_cleanup(settings.session_cleanup_interval_seconds))
+    logger.info("service_ready", host=settings.host, port=settings.port, environment=settings.environment)
+    try:
+        yield
+    finally:
+        cleanup.cancel()
+        with suppress(asyncio.CancelledError):
+            await cleanup
+        await agent.embeddings.close()
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the FastAPI application."""
+    settings = settings or get_settings()
+    configure_logging(
+        settings.log_level,
+        settings.enable_console_logs,
+        settings.log_dir or None,
+        settings.log_question_max_chars,
+    )
+    docs = settings.enable_docs and not settings.is_production
+    app = FastAPI(
+        title="DeFi Q&A Bot",
+        version="1.0.0",
+        description="Answers questions about decentralized finance from a curated knowledge base, offline.",
+        lifespan=lifespan,
+        docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None,
+        openapi_url="/openapi.json" if docs else None,
+        debug=settings.debug,
+    )
+    app.state.settings = settings
+    install_error_handlers(app)
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=settings.allowed_origins,
+        allow_credentials="*" not in settings.allowed_origins,
+        allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
+        allow_headers=["Content-Type", "Authorization", "X-Request-ID", "X-Session-ID"],
+        expose_headers=["X-Request-ID", "X-Session-ID", "Retry-After"],
+    )
+    app.add_middleware(SecurityHeadersMiddleware, use_https=settings.use_https)
+    app.add_middleware(RequestContextMiddleware)
+    app.add_middleware(CorrelationIdMiddleware, header_name="X-Request-ID")
+    app.include_router(health.router)
+    app.include_router(ask.router)
+    return app
+
+
+app = create_app()
+
+
+def run() -> None:
+    """Serve with uvicorn on HOST:PORT, with the timeouts documented in docs/deployment.md."""
+    settings = get_settings()
+    uvicorn.run(
+        "main:app",
+        host=settings.host,
+        port=settings.port,
+        reload=settings.reload,
+        workers=None if settings.reload else settings.workers,
+        log_config=None,
+        proxy_headers=True,
+        timeout_keep_alive=5,
+        timeout_graceful_shutdown=10,
+        h11_max_incomplete_event_size=16 * 1024,
+        limit_concurrency=2000,
+    )
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,74 @@
+"""Refuse request bodies over MAX_BODY_BYTES with 413, by Content-Length or while reading."""
+
+from __future__ import annotations
+
+import json
+
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from middleware.errors import error_body
+
+
+class BodyTooLargeError(HTTPException):
+    """Raised while the app reads a body that passes the limit; rendered as 413 by the error handlers."""
+
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__(413, f"Request body is larger than the {max_bytes}-byte limit")
+
+
+class BodySizeLimitMiddleware:
+    """Pure ASGI middleware, so responses (SSE included) are never buffered."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            await self._reject(send, declared.isdigit())
+            return
+        received = 0
+        response_started = False
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise BodyTooLargeError(self.max_bytes)
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal response_started
+            if message["type"] == "http.response.start":
+                response_started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except BodyTooLargeError:
+            if not response_started:
+                await self._reject(send, True)
+
+    async def _reject(self, send: Send, too_large: bool) -> None:
+        status = 413 if too_large else 400
+        detail = (
+            f"Request body is larger than the {self.max_bytes}-byte limit"
+            if too_large
+            else "Content-Length header is not a number"
+        )
+        body = json.dumps(error_body(status, detail)).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})

