@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 
@@ -13,14 +14,14 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from agents.factory import build_agent
-from api.routes import ask, health
+from api.routes import ask, health, stream, ui, websocket
 from config import Settings, get_settings
 from infrastructure.logging import configure_logging
 from middleware.body_limit import BodySizeLimitMiddleware
 from middleware.errors import install_error_handlers
 from middleware.request_context import RequestContextMiddleware
 from middleware.security_headers import SecurityHeadersMiddleware
-from services.knowledge_base import DatasetError
+from services.knowledge_base import DatasetError, load_knowledge_base
 
 logger = structlog.get_logger(__name__)
 
@@ -29,11 +30,7 @@ logger = structlog.get_logger(__name__)
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Build the agent once (off the loop), run background tasks, release everything at shutdown."""
     settings: Settings = app.state.settings
-    try:
-        agent = await asyncio.to_thread(build_agent, settings)
-    except DatasetError as error:
-        logger.error("startup_failed", error=str(error))
-        raise SystemExit(f"Start-up failed: {error}") from None
+    agent = await asyncio.to_thread(build_agent, settings, app.state.knowledge_base)
     await agent.embeddings.start()
     app.state.agent = agent
     cleanup = asyncio.create_task(agent.sessions.run_cleanup(settings.session_cleanup_interval_seconds))
@@ -68,6 +65,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         debug=settings.debug,
     )
     app.state.settings = settings
+    try:
+        app.state.knowledge_base = load_knowledge_base(settings.dataset_path)
+    except DatasetError as error:
+        print(f"Start-up failed: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
     install_error_handlers(app)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(
@@ -83,6 +85,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(CorrelationIdMiddleware, header_name="X-Request-ID")
     app.include_router(health.router)
     app.include_router(ask.router)
+    app.include_router(stream.router)
+    app.include_router(websocket.router)
+    app.include_router(ui.router)
     return app
 
 
@@ -99,11 +104,15 @@ def run() -> None:
         reload=settings.reload,
         workers=None if settings.reload else settings.workers,
         log_config=None,
+        access_log=False,
         proxy_headers=True,
         timeout_keep_alive=5,
         timeout_graceful_shutdown=10,
         h11_max_incomplete_event_size=16 * 1024,
-        limit_concurrency=2000,
+        limit_concurrency=4000,
+        ws_max_size=1024 * 1024,
+        ws_ping_interval=20,
+        ws_ping_timeout=20,
     )
 
 

@@ -11,7 +11,7 @@ from agents.graph import AgentSettings
 from config import Settings
 from services.embedding_cache import DiskCache, MemoryCache
 from services.embeddings import EmbeddingService, create_provider
-from services.knowledge_base import load_knowledge_base
+from services.knowledge_base import KnowledgeBase
 from services.retrieval import Retriever, load_or_build_vectors
 from services.sessions import SessionStore
 
@@ -44,10 +44,9 @@ def build_embedding_service(settings: Settings) -> EmbeddingService:
     )
 
 
-def build_agent(settings: Settings) -> DeFiAgent:
-    """Load the knowledge base, the embedder and the index; return a ready agent."""
+def build_agent(settings: Settings, knowledge_base: KnowledgeBase) -> DeFiAgent:
+    """Load the embedder and the knowledge base's index; return a ready agent."""
     started = time.perf_counter()
-    knowledge_base = load_knowledge_base(settings.dataset_path)
     embeddings = build_embedding_service(settings)
     vectors, from_cache = load_or_build_vectors(
         knowledge_base, embeddings, settings.cache_dir if settings.cache_enabled else None

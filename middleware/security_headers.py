@@ -10,7 +10,7 @@ _BASE_HEADERS = [
     (b"x-frame-options", b"DENY"),
 ]
 _HTML_CSP = (
-    b"default-src 'none'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
+    b"default-src 'none'; script-src 'self'; style-src 'self'; "
     b"connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 )
 _HSTS = (b"strict-transport-security", b"max-age=31536000; includeSubDomains")

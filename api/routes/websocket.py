@@ -1,0 +1,235 @@
+"""`/ws/ask`: the chat protocol of the original React frontend, one session per connection.
+
+Receiving runs concurrently with answering, so `cancel` and `ping` are honoured mid-stream; questions
+sent while an answer streams wait in a bounded queue and are answered in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections import deque
+from contextlib import suppress
+from typing import Any
+
+import structlog
+from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+from starlette.websockets import WebSocketState
+
+from agents.agent import DeFiAgent
+from agents.validation import InvalidQuestionError
+from config import Settings
+from infrastructure.metrics import STREAMS_CANCELLED, WEBSOCKET_CONNECTIONS, WEBSOCKET_MESSAGES
+from services.sessions import Session
+
+logger = structlog.get_logger(__name__)
+router = APIRouter()
+
+PROTOCOL_VERSION = "1.0"
+POLICY_VIOLATION = 1008
+
+
+class _PolicyViolationError(Exception):
+    """The client broke a connection limit; close with 1008."""
+
+
+class ChatConnection:
+    """One client connection: its session, its question queue and its tasks."""
+
+    def __init__(self, websocket: WebSocket, agent: DeFiAgent, settings: Settings) -> None:
+        self.websocket = websocket
+        self.agent = agent
+        self.settings = settings
+        self.session: Session = agent.sessions.get_or_create(None)
+        self.questions: asyncio.Queue[str] = asyncio.Queue(maxsize=settings.ws_max_queued_questions)
+        self.current_answer: asyncio.Task[None] | None = None
+        self.last_heard = time.monotonic()
+        self._recent_messages: deque[float] = deque()
+        self._send_lock = asyncio.Lock()
+
+    async def send(self, message: dict[str, Any]) -> None:
+        """Send one JSON message, stamped with the server time."""
+        message = {**message, "timestamp": time.time()}
+        async with self._send_lock:
+            await self.websocket.send_text(json.dumps(message))
+        WEBSOCKET_MESSAGES.labels(direction="out", type=str(message.get("type"))).inc()
+
+    async def send_error(self, detail: str, code: str) -> None:
+        """An `error` message; both `message` and `error` carry the text (older clients read `error`)."""
+        await self.send({"type": "error", "message": detail, "error": detail, "code": code})
+
+    async def run(self) -> None:
+        """Serve the connection until the client leaves or breaks a limit."""
+        await self.send(
+            {
+                "type": "status",
+                "status": "connected",
+                "details": {
+                    "session_id": self.session.id,
+                    "capabilities": ["streaming", "cancellation"],
+                    "protocol_version": PROTOCOL_VERSION,
+                },
+            }
+        )
+        tasks = [
+            asyncio.create_task(self._receive_loop(), name="ws-receive"),
+            asyncio.create_task(self._answer_loop(), name="ws-answer"),
+            asyncio.create_task(self._heartbeat_loop(), name="ws-heartbeat"),
+        ]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                error = task.exception()
+                if isinstance(error, _PolicyViolationError):
+                    await self._close(POLICY_VIOLATION, str(error))
+                elif error is not None and not isinstance(error, WebSocketDisconnect):
+                    raise error
+        finally:
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with suppress(asyncio.CancelledError, Exception):
+                    await task
+
+    async def _close(self, code: int, reason: str) -> None:
+        if self.websocket.application_state == WebSocketState.CONNECTED:
+            with suppress(RuntimeError, WebSocketDisconnect):
+                await self.websocket.close(code=code, reason=reason[:120])
+
+    async def _receive_loop(self) -> None:
+        while True:
+            message = await self.websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                raise WebSocketDisconnect(message.get("code", 1000))
+            self.last_heard = time.monotonic()
+            self._count_message()
+            text, data = message.get("text"), message.get("bytes")
+            if text is None:
+                WEBSOCKET_MESSAGES.labels(direction="in", type="binary").inc()
+                size = len(data or b"")
+                if size > self.settings.ws_max_message_bytes:
+                    raise _PolicyViolationError("message too large")
+                await self.send_error("Binary frames are not supported; send JSON text", "binary_not_supported")
+                continue
+            if len(text.encode()) > self.settings.ws_max_message_bytes:
+                raise _PolicyViolationError("message too large")
+            await self._handle_text(text)
+
+    def _count_message(self) -> None:
+        now = time.monotonic()
+        self._recent_messages.append(now)
+        while self._recent_messages and now - self._recent_messages[0] > 60.0:
+            self._recent_messages.popleft()
+        if len(self._recent_messages) > self.settings.ws_max_messages_per_minute:
+            raise _PolicyViolationError("too many messages")
+
+    async def _handle_text(self, text: str) -> None:
+        try:
+            payload = json.loads(text)
+        except json.JSONDecodeError:
+            WEBSOCKET_MESSAGES.labels(direction="in", type="invalid").inc()
+            await self.send_error("Message is not valid JSON", "invalid_json")
+            return
+        kind = payload.get("type") if isinstance(payload, dict) else None
+        known = kind in {"question", "cancel", "ping", "heartbeat_response"}
+        WEBSOCKET_MESSAGES.labels(direction="in", type=kind if known else "unknown").inc()
+        if kind == "question":
+            await self._enqueue_question(payload)
+        elif kind == "cancel":
+            await self._cancel_current()
+        elif kind == "ping":
+            await self.send({"type": "pong"})
+        elif kind == "heartbeat_response":
+            return
+        else:
+            await self.send_error(
+                "Unknown message type; expected question, cancel, ping or heartbeat_response", "unknown_type"
+            )
+
+    async def _enqueue_question(self, payload: dict[str, Any]) -> None:
+        data = payload.get("data")
+        raw = data.get("question") if isinstance(data, dict) else payload.get("question")
+        try:
+            question = self.agent.clean_question(raw)
+        except InvalidQuestionError as error:
+            await self.send_error(error.detail, error.code)
+            return
+        try:
+            self.questions.put_nowait(question)
+        except asyncio.QueueFull:
+            await self.send_error(
+                f"Too many questions waiting (limit {self.settings.ws_max_queued_questions}); wait for an answer",
+                "queue_full",
+            )
+
+    async def _cancel_current(self) -> None:
+        task = self.current_answer
+        if task is not None and not task.done():
+            task.cancel()
+
+    async def _answer_loop(self) -> None:
+        while True:
+            question = await self.questions.get()
+            task = asyncio.create_task(self._stream_answer(question), name="ws-stream-answer")
+            self.current_answer = task
+            try:
+                await asyncio.wait([task])
+            finally:
+                if not task.done():
+                    task.cancel()
+                    await asyncio.wait([task])
+                self.current_answer = None
+            if not task.cancelled() and (error := task.exception()) is not None:
+                raise error
+
+    async def _stream_answer(self, question: str) -> None:
+        sent_words = 0
+        confidence = 0.0
+        try:
+            async for event in self.agent.stream(question, self.session):
+                if event["type"] == "word":
+                    sent_words += 1
+                    confidence = float(event["confidence"])
+                await self.send(event)
+        except asyncio.CancelledError:
+            STREAMS_CANCELLED.labels(transport="websocket").inc()
+            logger.info("stream_cancelled", transport="websocket", reason="client_cancelled")
+            with suppress(Exception):
+                await self.send(
+                    {
+                        "type": "complete",
+                        "final_confidence": confidence,
+                        "processing_stage": "cancelled",
+                        "total_words": sent_words,
+                    }
+                )
+            raise
+
+    async def _heartbeat_loop(self) -> None:
+        interval = self.settings.ws_heartbeat_interval_seconds
+        idle_limit = interval * self.settings.ws_idle_timeout_intervals
+        while True:
+            await asyncio.sleep(interval)
+            if time.monotonic() - self.last_heard > idle_limit:
+                logger.info("websocket_idle_closed", session_id=self.session.id)
+                await self._close(1000, "idle timeout")
+                return
+            await self.send({"type": "heartbeat"})
+
+
+@router.websocket("/ws/ask")
+async def websocket_ask(websocket: WebSocket) -> None:
+    """Chat over a WebSocket; see docs/api.md for the message protocol."""
+    agent: DeFiAgent = websocket.app.state.agent
+    settings: Settings = websocket.app.state.settings
+    await websocket.accept()
+    WEBSOCKET_CONNECTIONS.inc()
+    connection = ChatConnection(websocket, agent, settings)
+    structlog.contextvars.bind_contextvars(session_id=connection.session.id)
+    try:
+        await connection.run()
+    except (WebSocketDisconnect, RuntimeError) as error:
+        logger.debug("websocket_closed", reason=type(error).__name__)
+    finally:
+        WEBSOCKET_CONNECTIONS.dec()

@@ -1,0 +1,112 @@
+"""Retrieval quality on the labelled paraphrase set: hit@1, hit@3 and decline accuracy.
+
+Run with `make eval` (or `python -m scripts.evaluate [--sweep]`). Questions go through the real agent
+graph in-process, exactly as a request would, including the no-match threshold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from agents.agent import DeFiAgent
+from agents.factory import build_agent
+from config import PROJECT_ROOT, Settings
+from services.knowledge_base import load_knowledge_base
+
+EVAL_PATH = PROJECT_ROOT / "data" / "eval_questions.json"
+
+
+@dataclass
+class Report:
+    """Outcome counts and the questions that missed."""
+
+    on_topic: int = 0
+    hit_at_1: int = 0
+    hit_at_3: int = 0
+    off_topic: int = 0
+    declined: int = 0
+    misses: list[str] = field(default_factory=list)
+    scores: list[tuple[float, str | None, list[str]]] = field(default_factory=list)
+
+    def rates(self) -> dict[str, float]:
+        """hit@1, hit@3 and decline accuracy as fractions."""
+        return {
+            "hit@1": self.hit_at_1 / max(self.on_topic, 1),
+            "hit@3": self.hit_at_3 / max(self.on_topic, 1),
+            "decline_accuracy": self.declined / max(self.off_topic, 1),
+        }
+
+
+def load_eval_questions(path: Path = EVAL_PATH) -> list[dict[str, str | None]]:
+    """The labelled set: `{"question", "expected_id"}`, expected_id null for questions to decline."""
+    questions: list[dict[str, str | None]] = json.loads(path.read_text())
+    return questions
+
+
+async def evaluate(agent: DeFiAgent, questions: list[dict[str, str | None]]) -> Report:
+    """Ask every question through the agent and tally the outcomes."""
+    report = Report()
+    for item in questions:
+        question, expected = str(item["question"]), item["expected_id"]
+        result = await agent.answer(question)
+        answered = result.processing_stage == "response_complete"
+        ranked = [str(source["id"]) for source in result.sources]
+        top_ids = [match.entry.id for match in agent.retriever.search(
+            await agent.embeddings.embed_query(question), question, 3)]
+        report.scores.append((result.confidence, expected, top_ids))
+        if expected is None:
+            report.off_topic += 1
+            report.declined += not answered
+            if answered:
+                report.misses.append(f"ANSWERED off-topic {question!r} -> {ranked[0]} ({result.confidence:.3f})")
+            continue
+        report.on_topic += 1
+        report.hit_at_1 += answered and ranked[:1] == [expected]
+        report.hit_at_3 += answered and expected in ranked[:3]
+        if not (answered and ranked[:1] == [expected]):
+            got = ranked[0] if ranked else "no_match"
+            report.misses.append(f"MISS {question!r}: expected {expected}, got {got} ({result.confidence:.3f})")
+    return report
+
+
+def sweep(report: Report) -> None:
+    """Print hit@1 and decline accuracy for a range of thresholds (for calibrating the default)."""
+    for step in range(25, 61, 2):
+        threshold = step / 100
+        on = [(score, expected, top) for score, expected, top in report.scores if expected is not None]
+        off = [score for score, expected, _ in report.scores if expected is None]
+        hit1 = sum(score >= threshold and top[:1] == [expected] for score, expected, top in on) / len(on)
+        declined = sum(score < threshold for score in off) / max(len(off), 1)
+        print(f"threshold {threshold:.2f}: hit@1 {hit1:.3f}  decline {declined:.3f}")
+
+
+async def main() -> None:
+    """Build the agent from the environment's settings and print the figures."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--sweep", action="store_true", help="also print figures for a range of thresholds")
+    parser.add_argument("--misses", action="store_true", help="list every miss")
+    args = parser.parse_args()
+    settings = Settings()
+    agent = build_agent(settings, load_knowledge_base(settings.dataset_path))
+    await agent.embeddings.start()
+    try:
+        questions = load_eval_questions()
+        report = await evaluate(agent, questions)
+    finally:
+        await agent.embeddings.close()
+    rates = report.rates()
+    print(f"questions: {report.on_topic} on-topic, {report.off_topic} to decline")
+    print(f"hit@1 {rates['hit@1']:.3f}  hit@3 {rates['hit@3']:.3f}  decline accuracy {rates['decline_accuracy']:.3f}")
+    print(f"threshold {settings.agent_similarity_threshold}")
+    if args.misses:
+        print("\n".join(report.misses))
+    if args.sweep:
+        sweep(report)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Install the Debian packages the test suite drives for real, when they are missing:
+# redis-server (shared state tests) and chromium + chromium-driver (browser tests).
+set -euo pipefail
+
+missing=()
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
+
+if [ ${#missing[@]} -eq 0 ]; then
+  exit 0
+fi
+if ! command -v apt-get >/dev/null 2>&1; then
+  echo "install_system_deps: apt-get not available; missing: ${missing[*]} (the tests that need them will skip)" >&2
+  exit 0
+fi
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then
+  if command -v sudo >/dev/null 2>&1; then SUDO="sudo"; else
+    echo "install_system_deps: not root and no sudo; missing: ${missing[*]} (the tests that need them will skip)" >&2
+    exit 0
+  fi
+fi
+echo "install_system_deps: installing ${missing[*]}"
+$SUDO apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
