@@ -6,7 +6,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import structlog
 
@@ -71,9 +71,9 @@ class DeFiAgent:
                     self._input(question, session, streaming=True), stream_mode=["custom", "values"]
                 ):
                     if mode == "custom":
-                        yield chunk
+                        yield cast(dict[str, Any], chunk)
                     else:
-                        final = chunk
+                        final = cast(AgentState, chunk)
             except EmbeddingError as error:
                 AGENT_QUERIES.labels(outcome="error").inc()
                 logger.error("agent_failed", error=str(error))

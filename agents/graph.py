@@ -10,9 +10,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from langgraph.config import get_stream_writer
 from langgraph.graph import END, START, StateGraph
@@ -28,7 +28,11 @@ from services.retrieval import Match, Retriever
 NO_MATCH_PREFIX = "I don't have a reliable answer to that."
 SUGGESTION_COUNT = 3
 
-Node = Callable[[AgentState], Awaitable[dict[str, Any]]]
+
+class Node(Protocol):
+    """An async graph node: takes the state, returns the keys it changes."""
+
+    def __call__(self, state: AgentState) -> Awaitable[dict[str, Any]]: ...
 
 
 @dataclass(frozen=True)

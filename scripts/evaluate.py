@@ -55,8 +55,10 @@ async def evaluate(agent: DeFiAgent, questions: list[dict[str, str | None]]) -> 
         result = await agent.answer(question)
         answered = result.processing_stage == "response_complete"
         ranked = [str(source["id"]) for source in result.sources]
-        top_ids = [match.entry.id for match in agent.retriever.search(
-            await agent.embeddings.embed_query(question), question, 3)]
+        top_ids = [
+            match.entry.id
+            for match in agent.retriever.search(await agent.embeddings.embed_query(question), question, 3)
+        ]
         report.scores.append((result.confidence, expected, top_ids))
         if expected is None:
             report.off_topic += 1

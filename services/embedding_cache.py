@@ -10,6 +10,7 @@ caller recomputes and rewrites it; the cache never raises into a request.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import struct
@@ -130,10 +131,8 @@ class DiskCache:
             logger.warning("embedding_cache_entry_discarded", key=key[:12], reason=problem)
             self._remove(key)
             return None
-        try:
+        with contextlib.suppress(OSError):
             os.utime(path)
-        except OSError:
-            pass
         with self._lock:
             self._index[key] = None
             self._index.move_to_end(key)
@@ -147,7 +146,7 @@ class DiskCache:
             handle, temp_name = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
             with os.fdopen(handle, "wb") as file:
                 file.write(_encode(vector))
-            os.replace(temp_name, path)
+            Path(temp_name).replace(path)
         except OSError as error:
             self._mark_unhealthy("write", error)
             return

@@ -63,9 +63,7 @@ class LocalMiniLMProvider:
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads or min(os.cpu_count() or 1, 4)
         options.inter_op_num_threads = 1
-        self._session = onnxruntime.InferenceSession(
-            str(model_path), options, providers=["CPUExecutionProvider"]
-        )
+        self._session = onnxruntime.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         """Mean-pool the token vectors over the attention mask, then L2-normalise."""
@@ -78,7 +76,7 @@ class LocalMiniLMProvider:
         )
         mask = attention[:, :, None].astype(np.float32)
         pooled = (hidden * mask).sum(axis=1) / np.clip(mask.sum(axis=1), 1e-9, None)
-        return _normalize_rows(pooled)
+        return _normalize_rows(np.asarray(pooled, dtype=np.float32))
 
 
 class OpenAIProvider:
@@ -101,13 +99,15 @@ class OpenAIProvider:
             response = self._client.embeddings.create(model=self._model, input=list(texts))
         except Exception as error:  # the SDK raises many types; all mean the same to us
             raise EmbeddingError(f"OpenAI embeddings request failed: {type(error).__name__}") from error
-        vectors = np.array([item.embedding for item in sorted(response.data, key=lambda item: item.index)])
-        return _normalize_rows(vectors.astype(np.float32))
+        ordered = sorted(response.data, key=lambda item: item.index)
+        vectors: np.ndarray = np.array([item.embedding for item in ordered], dtype=np.float32)
+        return _normalize_rows(vectors)
 
 
 def _normalize_rows(matrix: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(matrix, axis=1, keepdims=True)
-    return (matrix / np.clip(norms, 1e-12, None)).astype(np.float32)
+    normalized: np.ndarray = (matrix / np.clip(norms, 1e-12, None)).astype(np.float32)
+    return normalized
 
 
 @dataclass

@@ -1,7 +1,9 @@
 """Hybrid retrieval over every phrasing of every entry: MiniLM cosine plus character n-gram TF-IDF.
 
-An entry's score is the best score among its phrasings (question, alternatives, answer). The score
-is the one definition of `confidence` in the service: a number in [0, 1].
+A phrasing scores 0.7 x embedding cosine + 0.3 x character n-gram TF-IDF cosine (the lexical part
+catches acronyms and misspellings). An entry scores 0.8 x its best phrasing + 0.2 x the cosine to the
+centroid of all its phrasings (which rewards questions close to the entry as a whole, not to one
+stray wording). Clipped to [0, 1], that entry score is the one definition of `confidence`.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ logger = structlog.get_logger(__name__)
 
 DENSE_WEIGHT = 0.7
 LEXICAL_WEIGHT = 0.3
+BEST_PHRASING_WEIGHT = 0.8
+CENTROID_WEIGHT = 0.2
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,8 @@ class Retriever:
             raise ValueError("phrasing vectors do not match the knowledge base")
         self._dense = phrasing_vectors.astype(np.float32)
         self._starts = np.array(starts, dtype=np.intp)
+        centroids = np.add.reduceat(self._dense, self._starts, axis=0)
+        self._centroids = (centroids / np.linalg.norm(centroids, axis=1, keepdims=True)).astype(np.float32)
         self._vectorizer = TfidfVectorizer(analyzer="char_wb", ngram_range=(3, 5), sublinear_tf=True, dtype=np.float32)
         self._lexical = self._vectorizer.fit_transform(phrasings).T.tocsr()
         self.phrasing_count = len(phrasings)
@@ -58,7 +64,8 @@ class Retriever:
         query = self._vectorizer.transform([normalize_text(text)])
         lexical = (query @ self._lexical).toarray().ravel()
         combined = DENSE_WEIGHT * dense + LEXICAL_WEIGHT * lexical
-        per_entry = np.maximum.reduceat(combined, self._starts)
+        best_phrasing = np.maximum.reduceat(combined, self._starts)
+        per_entry = BEST_PHRASING_WEIGHT * best_phrasing + CENTROID_WEIGHT * (self._centroids @ vector)
         limit = min(limit, per_entry.shape[0])
         top = np.argpartition(-per_entry, limit - 1)[:limit]
         top = top[np.argsort(-per_entry[top], kind="stable")]
@@ -95,7 +102,7 @@ def load_or_build_vectors(
             handle, temp_name = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
             with os.fdopen(handle, "wb") as file:
                 np.save(file, matrix, allow_pickle=False)
-            os.replace(temp_name, path)
+            Path(temp_name).replace(path)
         except OSError as error:
             logger.warning("index_cache_write_failed", path=str(path), error=str(error))
     return matrix, False

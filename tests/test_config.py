@@ -45,7 +45,13 @@ def test_bad_value_stops_startup_with_one_line(env: dict[str, str], expected: st
 
 def test_invalid_dataset_stops_startup_naming_the_entry(tmp_path: Path) -> None:
     dataset = tmp_path / "bad.json"
-    good = {"id": "a", "category": "c", "question": "What is a?", "alternatives": ["x a", "y a"], "answer": "A is a thing. It exists."}
+    good = {
+        "id": "a",
+        "category": "c",
+        "question": "What is a?",
+        "alternatives": ["x a", "y a"],
+        "answer": "A is a thing. It exists.",
+    }
     dataset.write_text(json.dumps([good, {**good, "id": "b", "answer": ""}]))
     result = run_main({"DATASET_PATH": str(dataset), "CACHE_DIR": str(tmp_path / "cache")})
     assert result.returncode != 0

@@ -33,10 +33,10 @@ def test_new_session_is_created_and_continued(client: httpx.Client) -> None:
 
 def test_follow_up_uses_previous_turn(client: httpx.Client) -> None:
     first = ask(client, "What is Aave?")
-    assert first["sources"][0]["id"] == "what-is-aave"  # type: ignore[index]
-    follow_up = ask(client, "what are its risks?", first["session_id"])  # type: ignore[arg-type]
-    assert follow_up["sources"][0]["id"] == "aave-risks"  # type: ignore[index]
-    assert "Aave" in follow_up["answer"]  # type: ignore[operator]
+    assert first["sources"][0]["id"] == "what-is-aave"
+    follow_up = ask(client, "what are its risks?", first["session_id"])
+    assert follow_up["sources"][0]["id"] == "aave-risks"
+    assert "Aave" in follow_up["answer"]
 
 
 def test_follow_up_without_session_has_no_context(client: httpx.Client) -> None:
@@ -47,8 +47,8 @@ def test_follow_up_without_session_has_no_context(client: httpx.Client) -> None:
 
 def test_what_about_switches_topic(client: httpx.Client) -> None:
     first = ask(client, "What is Aave?")
-    follow_up = ask(client, "what about Compound?", first["session_id"])  # type: ignore[arg-type]
-    assert follow_up["sources"][0]["id"] == "what-is-compound"  # type: ignore[index]
+    follow_up = ask(client, "what about Compound?", first["session_id"])
+    assert follow_up["sources"][0]["id"] == "what-is-compound"
 
 
 def test_unknown_session_starts_a_fresh_one(client: httpx.Client) -> None:
@@ -78,9 +78,9 @@ def test_sessions_expire(start_server: Callable[..., ServerProcess]) -> None:
         assert client.get(f"/v2/sessions/{session_id}").status_code == 200
         time.sleep(1.6)
         assert client.get(f"/v2/sessions/{session_id}").status_code == 404
-        renewed = ask(client, "what are its risks?", session_id)  # type: ignore[arg-type]
+        renewed = ask(client, "what are its risks?", session_id)
         assert renewed["session_id"] != session_id
-        assert 'active_sessions 1.0' in client.get("/metrics").text
+        assert "active_sessions 1.0" in client.get("/metrics").text
 
 
 def test_max_sessions_evicts_least_recently_used(start_server: Callable[..., ServerProcess]) -> None:
@@ -88,7 +88,7 @@ def test_max_sessions_evicts_least_recently_used(start_server: Callable[..., Ser
     with httpx.Client(base_url=server.base_url, timeout=30) as client:
         first = ask(client, "What is Aave?")["session_id"]
         second = ask(client, "What is Uniswap?")["session_id"]
-        ask(client, "What is gas?", first)  # type: ignore[arg-type]  # first is now the most recent
+        ask(client, "What is gas?", first)  # first is now the most recent
         ask(client, "What is a DAO?")
         assert client.get(f"/v2/sessions/{first}").status_code == 200
         assert client.get(f"/v2/sessions/{second}").status_code == 404

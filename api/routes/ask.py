@@ -45,9 +45,7 @@ async def ask_in_session(body: SessionAskRequest, agent: AgentDep, response: Res
     return _to_response(await agent.answer(question, session))
 
 
-@router.get(
-    "/v2/sessions/{session_id}", response_model=SessionOut, responses={404: {"model": ErrorResponse}}
-)
+@router.get("/v2/sessions/{session_id}", response_model=SessionOut, responses={404: {"model": ErrorResponse}})
 async def get_session(session_id: str, sessions: SessionsDep, settings: SettingsDep) -> SessionOut | Response:
     """The turns of a live session."""
     session = sessions.get(session_id)

@@ -1,0 +1,89 @@
+"""Small pure pieces: follow-up rewriting, dataset validation, question validation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from agents.followup import extract_topic, resolve_follow_up
+from agents.validation import InvalidQuestionError, clean_question
+from services.knowledge_base import DatasetError, load_knowledge_base
+
+GOOD = {
+    "id": "what-is-x",
+    "category": "fundamentals",
+    "question": "What is X?",
+    "alternatives": ["x explained", "define x"],
+    "answer": "X is a thing.  It matters.",
+}
+
+
+@pytest.mark.parametrize(
+    ("previous", "question", "expected"),
+    [
+        ("What is Aave?", "what are its risks?", "what are Aave's risks?"),
+        ("what is aave", "is it safe?", "is aave safe?"),
+        ("Tell me about flash loans", "who uses them?", "who uses flash loans?"),
+        ("What is Aave?", "what about Compound?", "What is Compound?"),
+        ("What is a DEX?", "What is a CEX?", "What is a CEX?"),
+        (None, "what are its risks?", "what are its risks?"),
+    ],
+)
+def test_resolve_follow_up(previous: str | None, question: str, expected: str) -> None:
+    assert resolve_follow_up(question, previous) == expected
+
+
+def test_extract_topic() -> None:
+    assert extract_topic("How does Uniswap v3 concentrated liquidity work?") == "Uniswap v3 concentrated liquidity"
+    assert extract_topic("so what's the difference between a very long list of many different things here?") is None
+
+
+def test_clean_question() -> None:
+    assert clean_question("  hi there \n", 100) == "hi there"
+    with pytest.raises(InvalidQuestionError) as error:
+        clean_question("a" * 101, 100)
+    assert error.value.code == "question_too_long"
+    with pytest.raises(InvalidQuestionError):
+        clean_question("a\x00b", 100)
+
+
+def write(tmp_path: Path, entries: object) -> Path:
+    path = tmp_path / "kb.json"
+    path.write_text(json.dumps(entries))
+    return path
+
+
+def test_loader_normalises_and_hashes(tmp_path: Path) -> None:
+    knowledge_base = load_knowledge_base(write(tmp_path, [GOOD]))
+    assert knowledge_base.entries[0].answer == "X is a thing. It matters."
+    assert len(knowledge_base.content_hash) == 64
+    assert knowledge_base.by_id("what-is-x") is not None
+
+
+@pytest.mark.parametrize(
+    ("entries", "message"),
+    [
+        ([GOOD, GOOD], "entry #1 (id='what-is-x'): duplicate id"),
+        ([{**GOOD, "question": "   "}], "entry #0 (id='what-is-x'): question"),
+        ([{**GOOD, "alternatives": ["only one"]}], "alternatives"),
+        ([{**GOOD, "id": "Bad Id"}], "kebab-case"),
+        ([{k: v for k, v in GOOD.items() if k != "answer"}], "answer: Field required"),
+        ([], "non-empty list"),
+        ({"entries": "nope"}, "non-empty list"),
+    ],
+)
+def test_loader_names_the_bad_entry(tmp_path: Path, entries: object, message: str) -> None:
+    with pytest.raises(DatasetError) as error:
+        load_knowledge_base(write(tmp_path, entries))
+    assert message in str(error.value)
+
+
+def test_loader_reports_unreadable_files(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match="cannot read"):
+        load_knowledge_base(tmp_path / "missing.json")
+    broken = tmp_path / "broken.json"
+    broken.write_text("{")
+    with pytest.raises(DatasetError, match="not valid JSON"):
+        load_knowledge_base(broken)
