@@ -11,6 +11,7 @@ import asyncio
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from agents.agent import DeFiAgent
 from agents.factory import build_agent
@@ -30,7 +31,7 @@ class Report:
     off_topic: int = 0
     declined: int = 0
     misses: list[str] = field(default_factory=list)
-    scores: list[tuple[float, str | None, list[str]]] = field(default_factory=list)
+    scores: list[tuple[float, str | None, list[str], list[str]]] = field(default_factory=list)
 
     def rates(self) -> dict[str, float]:
         """hit@1, hit@3 and decline accuracy as fractions."""
@@ -41,17 +42,25 @@ class Report:
         }
 
 
-def load_eval_questions(path: Path = EVAL_PATH) -> list[dict[str, str | None]]:
-    """The labelled set: `{"question", "expected_id"}`, expected_id null for questions to decline."""
-    questions: list[dict[str, str | None]] = json.loads(path.read_text())
+EvalItem = dict[str, Any]
+
+
+def load_eval_questions(path: Path = EVAL_PATH) -> list[EvalItem]:
+    """The labelled set: `{"question", "expected_id", "also_accept"?}`; expected_id null means decline.
+
+    `also_accept` lists other entries whose answer answers the question equally well (overlapping
+    entries); a hit on one of them counts.
+    """
+    questions: list[EvalItem] = json.loads(path.read_text())
     return questions
 
 
-async def evaluate(agent: DeFiAgent, questions: list[dict[str, str | None]]) -> Report:
+async def evaluate(agent: DeFiAgent, questions: list[EvalItem]) -> Report:
     """Ask every question through the agent and tally the outcomes."""
     report = Report()
     for item in questions:
         question, expected = str(item["question"]), item["expected_id"]
+        accepted = {expected, *item.get("also_accept", [])}
         result = await agent.answer(question)
         answered = result.processing_stage == "response_complete"
         ranked = [str(source["id"]) for source in result.sources]
@@ -59,7 +68,7 @@ async def evaluate(agent: DeFiAgent, questions: list[dict[str, str | None]]) -> 
             match.entry.id
             for match in agent.retriever.search(await agent.embeddings.embed_query(question), question, 3)
         ]
-        report.scores.append((result.confidence, expected, top_ids))
+        report.scores.append((result.confidence, expected, top_ids, sorted(str(x) for x in accepted if x)))
         if expected is None:
             report.off_topic += 1
             report.declined += not answered
@@ -67,9 +76,9 @@ async def evaluate(agent: DeFiAgent, questions: list[dict[str, str | None]]) -> 
                 report.misses.append(f"ANSWERED off-topic {question!r} -> {ranked[0]} ({result.confidence:.3f})")
             continue
         report.on_topic += 1
-        report.hit_at_1 += answered and ranked[:1] == [expected]
-        report.hit_at_3 += answered and expected in ranked[:3]
-        if not (answered and ranked[:1] == [expected]):
+        report.hit_at_1 += answered and bool(accepted.intersection(ranked[:1]))
+        report.hit_at_3 += answered and bool(accepted.intersection(ranked[:3]))
+        if not (answered and accepted.intersection(ranked[:1])):
             got = ranked[0] if ranked else "no_match"
             report.misses.append(f"MISS {question!r}: expected {expected}, got {got} ({result.confidence:.3f})")
     return report
@@ -79,9 +88,9 @@ def sweep(report: Report) -> None:
     """Print hit@1 and decline accuracy for a range of thresholds (for calibrating the default)."""
     for step in range(25, 61, 2):
         threshold = step / 100
-        on = [(score, expected, top) for score, expected, top in report.scores if expected is not None]
-        off = [score for score, expected, _ in report.scores if expected is None]
-        hit1 = sum(score >= threshold and top[:1] == [expected] for score, expected, top in on) / len(on)
+        on = [(score, top, accepted) for score, expected, top, accepted in report.scores if expected is not None]
+        off = [score for score, expected, _, _ in report.scores if expected is None]
+        hit1 = sum(score >= threshold and top[:1][0] in accepted for score, top, accepted in on) / len(on)
         declined = sum(score < threshold for score in off) / max(len(off), 1)
         print(f"threshold {threshold:.2f}: hit@1 {hit1:.3f}  decline {declined:.3f}")
 

@@ -28,6 +28,7 @@ router = APIRouter()
 
 PROTOCOL_VERSION = "1.0"
 POLICY_VIOLATION = 1008
+_CLIENT_TYPES = frozenset({"question", "cancel", "ping", "heartbeat_response"})
 
 
 class _PolicyViolationError(Exception):
@@ -132,8 +133,9 @@ class ChatConnection:
             await self.send_error("Message is not valid JSON", "invalid_json")
             return
         kind = payload.get("type") if isinstance(payload, dict) else None
-        known = kind in {"question", "cancel", "ping", "heartbeat_response"}
-        WEBSOCKET_MESSAGES.labels(direction="in", type=kind if known else "unknown").inc()
+        if not isinstance(kind, str) or kind not in _CLIENT_TYPES:
+            kind = "unknown"
+        WEBSOCKET_MESSAGES.labels(direction="in", type=kind).inc()
         if kind == "question":
             await self._enqueue_question(payload)
         elif kind == "cancel":
@@ -188,10 +190,14 @@ class ChatConnection:
         confidence = 0.0
         try:
             async for event in self.agent.stream(question, self.session):
+                await self.send(event)
                 if event["type"] == "word":
                     sent_words += 1
                     confidence = float(event["confidence"])
-                await self.send(event)
+        except WebSocketDisconnect:
+            STREAMS_CANCELLED.labels(transport="websocket").inc()
+            logger.info("stream_cancelled", transport="websocket", reason="client_disconnected")
+            raise
         except asyncio.CancelledError:
             STREAMS_CANCELLED.labels(transport="websocket").inc()
             logger.info("stream_cancelled", transport="websocket", reason="client_cancelled")

