@@ -77,7 +77,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         allow_origins=settings.allowed_origins,
         allow_credentials="*" not in settings.allowed_origins,
         allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
-        allow_headers=["Content-Type", "Authorization", "X-Request-ID", "X-Session-ID"],
+        allow_headers=["Content-Type", "Authorization", "X-Request-ID"],
         expose_headers=["X-Request-ID", "X-Session-ID", "Retry-After"],
     )
     app.add_middleware(SecurityHeadersMiddleware, use_https=settings.use_https)
@@ -98,7 +98,7 @@ def run() -> None:
     """Serve with uvicorn on HOST:PORT, with the timeouts documented in docs/deployment.md."""
     settings = get_settings()
     uvicorn.run(
-        "main:app",
+        app if settings.workers == 1 and not settings.reload else "main:app",
         host=settings.host,
         port=settings.port,
         reload=settings.reload,
@@ -108,7 +108,6 @@ def run() -> None:
         proxy_headers=True,
         timeout_keep_alive=5,
         timeout_graceful_shutdown=10,
-        h11_max_incomplete_event_size=16 * 1024,
         limit_concurrency=4000,
         ws_max_size=1024 * 1024,
         ws_ping_interval=20,

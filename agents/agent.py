@@ -13,6 +13,7 @@ import structlog
 from agents.graph import AgentSettings, build_graph
 from agents.state import AgentState, InputState
 from agents.validation import clean_question
+from infrastructure.logging import truncate_for_log
 from infrastructure.metrics import AGENT_CONFIDENCE, AGENT_PROCESSING, AGENT_QUERIES
 from services.embeddings import EmbeddingError, EmbeddingService
 from services.retrieval import Retriever
@@ -78,7 +79,7 @@ class DeFiAgent:
                 AGENT_QUERIES.labels(outcome="error").inc()
                 logger.error("agent_failed", error=str(error))
                 message = "The embedding model is unavailable; please retry shortly."
-                yield {"type": "error", "message": message, "error": message}
+                yield {"type": "error", "message": message, "error": message, "code": "embedding_unavailable"}
                 return
             AGENT_PROCESSING.observe(time.perf_counter() - started)
             assert final is not None
@@ -142,6 +143,7 @@ class DeFiAgent:
             )
         logger.info(
             "question_answered",
+            question=truncate_for_log(question),
             processing_stage=stage,
             confidence=result.confidence,
             top_source=result.sources[0]["id"] if result.sources else None,

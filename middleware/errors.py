@@ -1,4 +1,4 @@
-"""Every error leaves the service as `{"detail", "type", "code"}` with a precise 4xx, or a bare 500."""
+"""Every error leaves the service as `{"detail", "type", "code"}`: a precise 4xx, or a 500 without internals."""
 
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def _describe_validation(error: RequestValidationError) -> tuple[str, str]:
     if kind == "missing":
         return (f"{field} is required" if field else "Request body is required"), "missing_field"
     if kind == "model_attributes_type" or (kind.endswith("_type") and not field):
-        return "Request body must be a JSON object", "invalid_body"
+        return 'Request body must be a JSON object such as {"question": "..."} sent as application/json', "invalid_body"
     if kind == "string_type":
         return f"{field} must be a string", f"{field}_not_string" if field == "question" else "invalid_type"
     message = str(first.get("msg", "invalid value"))

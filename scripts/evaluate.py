@@ -15,7 +15,8 @@ from typing import Any
 
 from agents.agent import DeFiAgent
 from agents.factory import build_agent
-from config import PROJECT_ROOT, Settings
+from config import PROJECT_ROOT, get_settings
+from infrastructure.logging import configure_logging
 from services.knowledge_base import load_knowledge_base
 
 EVAL_PATH = PROJECT_ROOT / "data" / "eval_questions.json"
@@ -86,7 +87,7 @@ async def evaluate(agent: DeFiAgent, questions: list[EvalItem]) -> Report:
 
 def sweep(report: Report) -> None:
     """Print hit@1 and decline accuracy for a range of thresholds (for calibrating the default)."""
-    for step in range(25, 61, 2):
+    for step in range(30, 57, 2):
         threshold = step / 100
         on = [(score, top, accepted) for score, expected, top, accepted in report.scores if expected is not None]
         off = [score for score, expected, _, _ in report.scores if expected is None]
@@ -101,7 +102,8 @@ async def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="also print figures for a range of thresholds")
     parser.add_argument("--misses", action="store_true", help="list every miss")
     args = parser.parse_args()
-    settings = Settings()
+    settings = get_settings()
+    configure_logging("WARNING", True, None, settings.log_question_max_chars)
     agent = build_agent(settings, load_knowledge_base(settings.dataset_path))
     await agent.embeddings.start()
     try:

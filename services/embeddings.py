@@ -165,28 +165,23 @@ class EmbeddingService:
         key = cache_key(self.model_id, text)
         if self.memory_cache is not None and (vector := self.memory_cache.get(key)) is not None:
             return vector
-        if (shared := self._inflight.get(key)) is not None:
-            return await asyncio.shield(shared)
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[np.ndarray] = loop.create_future()
-        self._inflight[key] = future
-        try:
-            vector = await self._lookup_disk(key)
-            if vector is None:
-                vector = await self._embed_batched(text, key)
-                if self.disk_cache is not None:
-                    loop.run_in_executor(self._io_executor, self.disk_cache.put, key, vector)
-            if self.memory_cache is not None:
-                self.memory_cache.put(key, vector)
-            future.set_result(vector)
-            return vector
-        except BaseException as error:
-            if not future.done():
-                future.set_exception(error if isinstance(error, Exception) else EmbeddingError("cancelled"))
-                future.exception()  # mark retrieved so asyncio does not warn when nobody else waits
-            raise
-        finally:
-            self._inflight.pop(key, None)
+        task = self._inflight.get(key)
+        if task is None:
+            task = asyncio.ensure_future(self._compute(text, key))
+            self._inflight[key] = task
+            task.add_done_callback(lambda _: self._inflight.pop(key, None))
+        # A waiter that is cancelled (client gone) leaves the shared computation running for the others.
+        return await asyncio.shield(task)
+
+    async def _compute(self, text: str, key: str) -> np.ndarray:
+        vector = await self._lookup_disk(key)
+        if vector is None:
+            vector = await self._embed_batched(text, key)
+            if self.disk_cache is not None:
+                asyncio.get_running_loop().run_in_executor(self._io_executor, self.disk_cache.put, key, vector)
+        if self.memory_cache is not None:
+            self.memory_cache.put(key, vector)
+        return vector
 
     async def _lookup_disk(self, key: str) -> np.ndarray | None:
         if self.disk_cache is None:

@@ -80,10 +80,11 @@ class SessionStore:
         return session
 
     def touch(self, session: Session) -> None:
-        """Mark the session as used now."""
+        """Mark the session as used now (a live connection's session is kept even if it had expired)."""
         session.last_active = time.time()
-        if session.id in self._sessions:
-            self._sessions.move_to_end(session.id)
+        self._sessions[session.id] = session
+        self._sessions.move_to_end(session.id)
+        ACTIVE_SESSIONS.set(len(self._sessions))
 
     def add_turn(self, session: Session, turn: Turn) -> None:
         """Record an answered question, keeping at most the newest SESSION_MAX_TURNS."""

@@ -12,6 +12,7 @@ import time
 from collections import deque
 from contextlib import suppress
 from typing import Any
+from urllib.parse import urlsplit
 
 import structlog
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
@@ -104,6 +105,7 @@ class ChatConnection:
             if message["type"] == "websocket.disconnect":
                 raise WebSocketDisconnect(message.get("code", 1000))
             self.last_heard = time.monotonic()
+            self.agent.sessions.touch(self.session)
             self._count_message()
             text, data = message.get("text"), message.get("bytes")
             if text is None:
@@ -191,9 +193,10 @@ class ChatConnection:
         try:
             async for event in self.agent.stream(question, self.session):
                 await self.send(event)
-                if event["type"] == "word":
-                    sent_words += 1
+                if event["type"] == "metadata":
                     confidence = float(event["confidence"])
+                elif event["type"] == "word":
+                    sent_words += 1
         except WebSocketDisconnect:
             STREAMS_CANCELLED.labels(transport="websocket").inc()
             logger.info("stream_cancelled", transport="websocket", reason="client_disconnected")
@@ -224,11 +227,23 @@ class ChatConnection:
             await self.send({"type": "heartbeat"})
 
 
+def origin_allowed(websocket: WebSocket, allowed_origins: list[str]) -> bool:
+    """Browsers send Origin: accept the page's own origin and ALLOWED_ORIGINS; non-browser clients send none."""
+    origin = websocket.headers.get("origin")
+    if origin is None or "*" in allowed_origins or origin in allowed_origins:
+        return True
+    return urlsplit(origin).netloc == websocket.headers.get("host")
+
+
 @router.websocket("/ws/ask")
 async def websocket_ask(websocket: WebSocket) -> None:
     """Chat over a WebSocket; see docs/api.md for the message protocol."""
     agent: DeFiAgent = websocket.app.state.agent
     settings: Settings = websocket.app.state.settings
+    if not origin_allowed(websocket, settings.allowed_origins):
+        logger.warning("websocket_origin_refused", origin=websocket.headers.get("origin"))
+        await websocket.close(code=POLICY_VIOLATION, reason="origin not allowed")
+        return
     await websocket.accept()
     WEBSOCKET_CONNECTIONS.inc()
     connection = ChatConnection(websocket, agent, settings)
