@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+import re
 import sys
 from functools import lru_cache
 from pathlib import Path
@@ -42,6 +44,8 @@ class Settings(BaseSettings):
     )
     rate_limit_requests_per_minute: int = Field(default=200, gt=0)
     rate_limit_window_seconds: int = Field(default=60, gt=0)
+    rate_limit_storage_uri: str = "memory://"
+    trusted_proxies: Annotated[list[str], NoDecode] = Field(default_factory=list)
     max_body_bytes: int = Field(default=16_384, ge=1024)
     secret_key: SecretStr | None = None
     use_https: bool = False
@@ -84,11 +88,28 @@ class Settings(BaseSettings):
     ws_max_messages_per_minute: int = Field(default=120, gt=0)
     ws_max_queued_questions: int = Field(default=10, gt=0)
 
-    @field_validator("allowed_origins", mode="before")
+    @field_validator("allowed_origins", "trusted_proxies", mode="before")
     @classmethod
-    def _split_origins(cls, value: object) -> object:
+    def _split_comma_list(cls, value: object) -> object:
         if isinstance(value, str):
             return [origin.strip() for origin in value.split(",") if origin.strip()]
+        return value
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _check_networks(cls, value: list[str]) -> list[str]:
+        for item in value:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError(f"{item!r} is not an IP address or CIDR network") from None
+        return value
+
+    @field_validator("rate_limit_storage_uri")
+    @classmethod
+    def _check_storage_uri(cls, value: str) -> str:
+        if not re.match(r"^(memory|redis|rediss|redis\+cluster|redis\+sentinel|memcached|mongodb)://", value):
+            raise ValueError("must be a limits storage URI such as memory:// or redis://host:6379")
         return value
 
     @field_validator("secret_key", "openai_api_key", "openai_base_url", mode="before")

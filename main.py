@@ -17,6 +17,7 @@ from agents.factory import build_agent
 from api.routes import ask, health, stream, ui, websocket
 from config import Settings, get_settings
 from infrastructure.logging import configure_logging
+from infrastructure.rate_limit import QuestionRateLimiter, parse_networks
 from middleware.body_limit import BodySizeLimitMiddleware
 from middleware.errors import install_error_handlers
 from middleware.request_context import RequestContextMiddleware
@@ -65,6 +66,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         debug=settings.debug,
     )
     app.state.settings = settings
+    app.state.rate_limiter = QuestionRateLimiter(
+        settings.rate_limit_requests_per_minute, settings.rate_limit_window_seconds, settings.rate_limit_storage_uri
+    )
+    app.state.trusted_networks = parse_networks(settings.trusted_proxies)
     try:
         app.state.knowledge_base = load_knowledge_base(settings.dataset_path)
     except DatasetError as error:
@@ -105,7 +110,7 @@ def run() -> None:
         workers=None if settings.reload else settings.workers,
         log_config=None,
         access_log=False,
-        proxy_headers=True,
+        proxy_headers=False,  # forwarded headers are honoured by the app, from TRUSTED_PROXIES only
         timeout_keep_alive=5,
         timeout_graceful_shutdown=10,
         limit_concurrency=4000,

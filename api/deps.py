@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Request, Response
 
 from agents.agent import DeFiAgent
 from config import Settings
+from infrastructure.rate_limit import QuestionRateLimiter, RateLimitExceededError, client_address
 from services.sessions import SessionStore
 
 
@@ -28,6 +29,19 @@ def get_app_settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
+
+async def spend_question_budget(request: Request, response: Response) -> None:
+    """Charge one question to the client's budget; 429 when it is spent. Sets X-RateLimit-* headers."""
+    limiter: QuestionRateLimiter = request.app.state.rate_limiter
+    peer = request.client.host if request.client else None
+    key = client_address(peer, dict(request.headers), request.app.state.trusted_networks)
+    decision = await limiter.spend(key)
+    if not decision.allowed:
+        raise RateLimitExceededError(decision)
+    response.headers.update(decision.headers())
+
+
+QuestionBudget = Depends(spend_question_budget)
 
 AgentDep = Annotated[DeFiAgent, Depends(get_agent)]
 SessionsDep = Annotated[SessionStore, Depends(get_sessions)]

@@ -12,6 +12,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from agents.agent import AgentUnavailableError
 from agents.validation import InvalidQuestionError
+from infrastructure.metrics import RATE_LIMIT_REJECTIONS
+from infrastructure.rate_limit import RateLimitExceededError
+from middleware.request_context import route_template
 
 logger = structlog.get_logger(__name__)
 
@@ -85,6 +88,15 @@ async def _unavailable_handler(request: Request, error: Exception) -> JSONRespon
     return error_response(503, str(error), "agent_unavailable", headers={"Retry-After": "5"})
 
 
+async def _rate_limited_handler(request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, RateLimitExceededError)
+    decision = error.decision
+    RATE_LIMIT_REJECTIONS.labels(route=route_template(request.scope)).inc()
+    headers = {**decision.headers(), "Retry-After": str(decision.retry_after_seconds)}
+    detail = f"Rate limit exceeded: {decision.limit} questions per window; retry in {decision.retry_after_seconds} s"
+    return error_response(429, detail, "rate_limited", headers=headers)
+
+
 async def _unexpected_handler(request: Request, error: Exception) -> JSONResponse:
     logger.exception("unhandled_error", path=request.url.path)
     return error_response(500, "Internal server error", "internal_error")
@@ -96,4 +108,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(InvalidQuestionError, _invalid_question_handler)
     app.add_exception_handler(StarletteHTTPException, _http_handler)
     app.add_exception_handler(AgentUnavailableError, _unavailable_handler)
+    app.add_exception_handler(RateLimitExceededError, _rate_limited_handler)
     app.add_exception_handler(Exception, _unexpected_handler)

@@ -31,6 +31,8 @@ def run_main(env: dict[str, str], timeout: float = 120) -> subprocess.CompletedP
         ({"AGENT_SIMILARITY_THRESHOLD": "1.5"}, "AGENT_SIMILARITY_THRESHOLD='1.5'"),
         ({"CACHE_ENABLED": "maybe"}, "CACHE_ENABLED='maybe'"),
         ({"ENVIRONMENT": "production", "SECRET_KEY": ""}, "SECRET_KEY must be set"),
+        ({"TRUSTED_PROXIES": "10.0.0.0/8,not-a-network"}, "TRUSTED_PROXIES="),
+        ({"RATE_LIMIT_STORAGE_URI": "ftp://x"}, "RATE_LIMIT_STORAGE_URI='ftp://x'"),
     ],
 )
 def test_bad_value_stops_startup_with_one_line(env: dict[str, str], expected: str) -> None:

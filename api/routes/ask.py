@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Response
 
 from agents.agent import AgentResult
-from api.deps import AgentDep, SessionsDep, SettingsDep
+from api.deps import AgentDep, QuestionBudget, SessionsDep, SettingsDep
 from api.schemas import AskRequest, AskResponse, ErrorResponse, SessionAskRequest, SessionOut, Source, TurnOut
 from middleware.errors import error_response
 
@@ -14,6 +14,7 @@ router = APIRouter(tags=["questions"])
 _ERRORS: dict[int | str, dict[str, object]] = {
     413: {"model": ErrorResponse, "description": "Body too large"},
     422: {"model": ErrorResponse, "description": "Invalid question"},
+    429: {"model": ErrorResponse, "description": "Question budget spent (see Retry-After)"},
     503: {"model": ErrorResponse, "description": "Embedding model unavailable"},
 }
 
@@ -29,14 +30,14 @@ def _to_response(result: AgentResult) -> AskResponse:
     )
 
 
-@router.post("/ask", response_model=AskResponse, responses=_ERRORS)
+@router.post("/ask", response_model=AskResponse, responses=_ERRORS, dependencies=[QuestionBudget])
 async def ask(body: AskRequest, agent: AgentDep) -> AskResponse:
     """Answer one question without a session."""
     question = agent.clean_question(body.question)
     return _to_response(await agent.answer(question))
 
 
-@router.post("/v2/ask", response_model=AskResponse, responses=_ERRORS)
+@router.post("/v2/ask", response_model=AskResponse, responses=_ERRORS, dependencies=[QuestionBudget])
 async def ask_in_session(body: SessionAskRequest, agent: AgentDep, response: Response) -> AskResponse:
     """Answer a question inside a session; unknown or expired ids start a new session."""
     question = agent.clean_question(body.question)

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, Query, Response
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from agents.agent import DeFiAgent
-from api.deps import AgentDep
+from api.deps import AgentDep, QuestionBudget
 from api.schemas import AskRequest, ErrorResponse, SessionAskRequest
 from infrastructure.metrics import SSE_STREAMS_ACTIVE, STREAMS_CANCELLED
 from services.sessions import Session
@@ -25,6 +25,7 @@ _STREAM_DOC: dict[int | str, dict[str, Any]] = {
     },
     413: {"model": ErrorResponse},
     422: {"model": ErrorResponse},
+    429: {"model": ErrorResponse},
 }
 
 
@@ -70,7 +71,7 @@ def _query_question(
     return cleaned, session
 
 
-@router.post("/ask-stream", response_class=EventSourceResponse, responses=_STREAM_DOC)
+@router.post("/ask-stream", response_class=EventSourceResponse, responses=_STREAM_DOC, dependencies=[QuestionBudget])
 async def ask_stream(
     question: Annotated[str, Depends(_stateless_question)], agent: AgentDep
 ) -> AsyncIterator[ServerSentEvent]:
@@ -79,7 +80,7 @@ async def ask_stream(
         yield event
 
 
-@router.post("/v2/ask-stream", response_class=EventSourceResponse, responses=_STREAM_DOC)
+@router.post("/v2/ask-stream", response_class=EventSourceResponse, responses=_STREAM_DOC, dependencies=[QuestionBudget])
 async def ask_stream_in_session(
     prepared: Annotated[tuple[str, Session], Depends(_session_question)], agent: AgentDep
 ) -> AsyncIterator[ServerSentEvent]:
@@ -89,7 +90,7 @@ async def ask_stream_in_session(
         yield event
 
 
-@router.get("/ask-stream", response_class=EventSourceResponse, responses=_STREAM_DOC)
+@router.get("/ask-stream", response_class=EventSourceResponse, responses=_STREAM_DOC, dependencies=[QuestionBudget])
 async def ask_stream_get(
     prepared: Annotated[tuple[str, Session | None], Depends(_query_question)], agent: AgentDep
 ) -> AsyncIterator[ServerSentEvent]:

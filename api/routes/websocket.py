@@ -21,7 +21,8 @@ from starlette.websockets import WebSocketState
 from agents.agent import DeFiAgent
 from agents.validation import InvalidQuestionError
 from config import Settings
-from infrastructure.metrics import STREAMS_CANCELLED, WEBSOCKET_CONNECTIONS, WEBSOCKET_MESSAGES
+from infrastructure.metrics import RATE_LIMIT_REJECTIONS, STREAMS_CANCELLED, WEBSOCKET_CONNECTIONS, WEBSOCKET_MESSAGES
+from infrastructure.rate_limit import QuestionRateLimiter, client_address
 from services.sessions import Session
 
 logger = structlog.get_logger(__name__)
@@ -44,6 +45,10 @@ class ChatConnection:
         self.agent = agent
         self.settings = settings
         self.session: Session = agent.sessions.get_or_create(None)
+        state = websocket.app.state
+        self.rate_limiter: QuestionRateLimiter = state.rate_limiter
+        peer = websocket.client.host if websocket.client else None
+        self.client_key = client_address(peer, dict(websocket.headers), state.trusted_networks)
         self.questions: asyncio.Queue[str] = asyncio.Queue(maxsize=settings.ws_max_queued_questions)
         self.current_answer: asyncio.Task[None] | None = None
         self.last_heard = time.monotonic()
@@ -158,6 +163,14 @@ class ChatConnection:
             question = self.agent.clean_question(raw)
         except InvalidQuestionError as error:
             await self.send_error(error.detail, error.code)
+            return
+        decision = await self.rate_limiter.spend(self.client_key)
+        if not decision.allowed:
+            RATE_LIMIT_REJECTIONS.labels(route="/ws/ask").inc()
+            retry = decision.retry_after_seconds
+            await self.send_error(
+                f"Rate limit exceeded: {decision.limit} questions per window; retry in {retry} s", "rate_limited"
+            )
             return
         try:
             self.questions.put_nowait(question)
