@@ -51,7 +51,7 @@ class Settings(BaseSettings):
     use_https: bool = False
 
     # Agent and retrieval
-    agent_similarity_threshold: float = Field(default=0.42, ge=0.0, le=1.0)
+    agent_similarity_threshold: float = Field(default=0.40, ge=0.0, le=1.0)
     agent_max_results: int = Field(default=5, ge=1, le=50)
     agent_cache_enabled: bool = True
     question_max_chars: int = Field(default=1000, ge=10, le=100_000)

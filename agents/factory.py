@@ -12,7 +12,7 @@ from config import Settings
 from services.embedding_cache import DiskCache, MemoryCache
 from services.embeddings import EmbeddingService, create_provider
 from services.knowledge_base import KnowledgeBase
-from services.retrieval import Retriever, load_or_build_vectors
+from services.retrieval import build_retriever
 from services.sessions import SessionStore
 
 logger = structlog.get_logger(__name__)
@@ -48,10 +48,9 @@ def build_agent(settings: Settings, knowledge_base: KnowledgeBase) -> DeFiAgent:
     """Load the embedder and the knowledge base's index; return a ready agent."""
     started = time.perf_counter()
     embeddings = build_embedding_service(settings)
-    vectors, from_cache = load_or_build_vectors(
+    retriever, from_cache = build_retriever(
         knowledge_base, embeddings, settings.cache_dir if settings.cache_enabled else None
     )
-    retriever = Retriever(knowledge_base, vectors)
     sessions = SessionStore(settings.session_ttl_seconds, settings.max_sessions, settings.session_max_turns)
     agent = DeFiAgent(
         embeddings,

@@ -1,5 +1,9 @@
 """Retrieval quality on the labelled paraphrase set: hit@1, hit@3 and decline accuracy.
 
+- hit@1: the question is answered (not no_match) and the answer is from the expected entry;
+- hit@3: the expected entry is among the three best-ranked entries (retrieval recall, threshold aside);
+- decline accuracy: questions outside the knowledge base get the no_match answer.
+
 Run with `make eval` (or `python -m scripts.evaluate [--sweep]`). Questions go through the real agent
 graph in-process, exactly as a request would, including the no-match threshold.
 """
@@ -78,7 +82,7 @@ async def evaluate(agent: DeFiAgent, questions: list[EvalItem]) -> Report:
             continue
         report.on_topic += 1
         report.hit_at_1 += answered and bool(accepted.intersection(ranked[:1]))
-        report.hit_at_3 += answered and bool(accepted.intersection(ranked[:3]))
+        report.hit_at_3 += bool(accepted.intersection(top_ids[:3]))
         if not (answered and accepted.intersection(ranked[:1])):
             got = ranked[0] if ranked else "no_match"
             report.misses.append(f"MISS {question!r}: expected {expected}, got {got} ({result.confidence:.3f})")

@@ -1,9 +1,13 @@
-"""Hybrid retrieval over every phrasing of every entry: MiniLM cosine plus character n-gram TF-IDF.
+"""Retrieval over every phrasing of every entry: hybrid cosine ranking, refined by a linear classifier.
 
-A phrasing scores 0.7 x embedding cosine + 0.3 x character n-gram TF-IDF cosine (the lexical part
-catches acronyms and misspellings). An entry scores 0.8 x its best phrasing + 0.2 x the cosine to the
-centroid of all its phrasings (which rewards questions close to the entry as a whole, not to one
-stray wording). Clipped to [0, 1], that entry score is the one definition of `confidence`.
+Similarity (the one definition of `confidence`, in [0, 1]):
+  a phrasing scores 0.7 x embedding cosine + 0.3 x character n-gram TF-IDF cosine (the lexical part
+  catches acronyms and misspellings); an entry scores 0.7 x its best phrasing + 0.3 x the cosine to
+  the centroid of all its phrasings.
+Ranking: similarity + 2 x the probability a linear classifier gives the entry. The classifier (logistic
+  loss over [embedding, TF-IDF] features) is trained at build time on the entries' own phrasings, so
+  it learns which words separate neighbouring entries (e.g. "health factor" vs "liquidation
+  threshold"). The no-match threshold applies to the top entry's similarity.
 """
 
 from __future__ import annotations
@@ -16,7 +20,9 @@ from pathlib import Path
 
 import numpy as np
 import structlog
+from scipy import sparse
 from sklearn.feature_extraction.text import TfidfVectorizer
+from sklearn.linear_model import SGDClassifier
 
 from services.embedding_cache import normalize_text
 from services.embeddings import EmbeddingService
@@ -26,51 +32,102 @@ logger = structlog.get_logger(__name__)
 
 DENSE_WEIGHT = 0.7
 LEXICAL_WEIGHT = 0.3
-BEST_PHRASING_WEIGHT = 0.8
-CENTROID_WEIGHT = 0.2
+BEST_PHRASING_WEIGHT = 0.7
+CENTROID_WEIGHT = 0.3
+CLASSIFIER_WEIGHT = 2.0
+LEXICAL_FEATURES = 20_000
+CLASSIFIER_VERSION = "sgd-logloss-a1e-5-e30-f20000-v1"
 
 
 @dataclass(frozen=True)
 class Match:
-    """A ranked entry and its score in [0, 1]."""
+    """A ranked entry and its similarity in [0, 1]."""
 
     entry: Entry
     score: float
 
 
+@dataclass(frozen=True)
+class ClassifierWeights:
+    """One linear model per entry over [embedding, TF-IDF] features (rows = entries)."""
+
+    coefficients: np.ndarray
+    intercepts: np.ndarray
+
+
+def _vectorizer() -> TfidfVectorizer:
+    return TfidfVectorizer(
+        analyzer="char_wb", ngram_range=(3, 5), sublinear_tf=True, dtype=np.float32, max_features=LEXICAL_FEATURES
+    )
+
+
+def _phrasings(knowledge_base: KnowledgeBase) -> tuple[list[str], list[int], np.ndarray]:
+    texts: list[str] = []
+    starts: list[int] = []
+    owners: list[int] = []
+    for index, entry in enumerate(knowledge_base.entries):
+        starts.append(len(texts))
+        phrasings = [normalize_text(text) for text in entry.phrasings()]
+        texts.extend(phrasings)
+        owners.extend([index] * len(phrasings))
+    return texts, starts, np.array(owners, dtype=np.intp)
+
+
+def train_classifier(knowledge_base: KnowledgeBase, phrasing_vectors: np.ndarray) -> ClassifierWeights:
+    """Fit the entry classifier on the knowledge base's own phrasings (deterministic). Blocking, CPU-heavy."""
+    texts, _, owners = _phrasings(knowledge_base)
+    lexical = _vectorizer().fit_transform(texts)
+    features = sparse.hstack([sparse.csr_matrix(phrasing_vectors), lexical]).tocsr()
+    model = SGDClassifier(loss="log_loss", alpha=1e-5, max_iter=30, tol=None, random_state=0, n_jobs=2)
+    model.fit(features, owners)
+    return ClassifierWeights(model.coef_.astype(np.float32), model.intercept_.astype(np.float32))
+
+
 class Retriever:
     """Ranks knowledge-base entries for a question vector and text."""
 
-    def __init__(self, knowledge_base: KnowledgeBase, phrasing_vectors: np.ndarray) -> None:
+    def __init__(
+        self, knowledge_base: KnowledgeBase, phrasing_vectors: np.ndarray, classifier: ClassifierWeights | None
+    ) -> None:
         self.knowledge_base = knowledge_base
-        phrasings: list[str] = []
-        starts: list[int] = []
-        for entry in knowledge_base.entries:
-            starts.append(len(phrasings))
-            phrasings.extend(normalize_text(text) for text in entry.phrasings())
-        if phrasing_vectors.shape[0] != len(phrasings):
+        texts, starts, _ = _phrasings(knowledge_base)
+        if phrasing_vectors.shape[0] != len(texts):
             raise ValueError("phrasing vectors do not match the knowledge base")
         self._dense = phrasing_vectors.astype(np.float32)
         self._starts = np.array(starts, dtype=np.intp)
         centroids = np.add.reduceat(self._dense, self._starts, axis=0)
         self._centroids = (centroids / np.linalg.norm(centroids, axis=1, keepdims=True)).astype(np.float32)
-        self._vectorizer = TfidfVectorizer(analyzer="char_wb", ngram_range=(3, 5), sublinear_tf=True, dtype=np.float32)
-        self._lexical = self._vectorizer.fit_transform(phrasings).T.tocsr()
-        self.phrasing_count = len(phrasings)
+        self._vectorizer = _vectorizer()
+        self._lexical = self._vectorizer.fit_transform(texts).T.tocsr()
+        dimension = self._dense.shape[1]
+        self._classifier = classifier
+        if classifier is not None:
+            self._dense_weights = np.ascontiguousarray(classifier.coefficients[:, :dimension])
+            self._lexical_weights = classifier.coefficients[:, dimension:].T.copy()
+        self.phrasing_count = len(texts)
 
     def search(self, vector: np.ndarray, text: str, limit: int) -> list[Match]:
         """Return up to `limit` distinct entries, best first."""
-        dense = self._dense @ vector
         query = self._vectorizer.transform([normalize_text(text)])
         lexical = (query @ self._lexical).toarray().ravel()
-        combined = DENSE_WEIGHT * dense + LEXICAL_WEIGHT * lexical
+        combined = DENSE_WEIGHT * (self._dense @ vector) + LEXICAL_WEIGHT * lexical
         best_phrasing = np.maximum.reduceat(combined, self._starts)
-        per_entry = BEST_PHRASING_WEIGHT * best_phrasing + CENTROID_WEIGHT * (self._centroids @ vector)
-        limit = min(limit, per_entry.shape[0])
-        top = np.argpartition(-per_entry, limit - 1)[:limit]
-        top = top[np.argsort(-per_entry[top], kind="stable")]
+        similarity = np.clip(BEST_PHRASING_WEIGHT * best_phrasing + CENTROID_WEIGHT * (self._centroids @ vector), 0, 1)
+        ranking = similarity
+        if self._classifier is not None:
+            ranking = similarity + CLASSIFIER_WEIGHT * self._probabilities(vector, query)
+        limit = min(limit, ranking.shape[0])
+        top = np.argpartition(-ranking, limit - 1)[:limit]
+        top = top[np.argsort(-ranking[top], kind="stable")]
         entries = self.knowledge_base.entries
-        return [Match(entries[index], float(np.clip(per_entry[index], 0.0, 1.0))) for index in top]
+        return [Match(entries[index], float(similarity[index])) for index in top]
+
+    def _probabilities(self, vector: np.ndarray, query: sparse.csr_matrix) -> np.ndarray:
+        assert self._classifier is not None
+        logits = self._dense_weights @ vector + (query @ self._lexical_weights).ravel() + self._classifier.intercepts
+        logits = np.exp(logits - logits.max())
+        probabilities: np.ndarray = logits / logits.sum()
+        return probabilities
 
 
 def _index_path(cache_dir: Path, knowledge_base: KnowledgeBase, model_id: str) -> Path:
@@ -78,31 +135,54 @@ def _index_path(cache_dir: Path, knowledge_base: KnowledgeBase, model_id: str) -
     return cache_dir / "index" / f"{key}.npy"
 
 
-def load_or_build_vectors(
-    knowledge_base: KnowledgeBase, embeddings: EmbeddingService, cache_dir: Path | None
-) -> tuple[np.ndarray, bool]:
-    """Embed every phrasing, reusing the matrix cached for (dataset hash, model id). Blocking.
+def _atomic_save(path: Path, **arrays: np.ndarray) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temp_name = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        with os.fdopen(handle, "wb") as file:
+            np.savez(file, **arrays)  # type: ignore[arg-type]
+        Path(temp_name).replace(path)
+    except OSError as error:
+        logger.warning("index_cache_write_failed", path=str(path), error=str(error))
 
-    Returns the matrix and whether it came from the cache.
+
+def _load(path: Path, names: tuple[str, ...]) -> dict[str, np.ndarray] | None:
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {name: archive[name] for name in names}
+    except (OSError, ValueError, KeyError) as error:
+        logger.warning("index_cache_unreadable", path=str(path), error=str(error))
+        return None
+    if not all(np.isfinite(array).all() for array in arrays.values()):
+        logger.warning("index_cache_invalid", path=str(path))
+        return None
+    return arrays
+
+
+def build_retriever(
+    knowledge_base: KnowledgeBase, embeddings: EmbeddingService, cache_dir: Path | None
+) -> tuple[Retriever, bool]:
+    """Embed every phrasing and train the classifier, reusing what is cached for (dataset, model). Blocking.
+
+    Returns the retriever and whether everything came from the cache.
     """
     texts = [text for entry in knowledge_base.entries for text in entry.phrasings()]
-    path = _index_path(cache_dir, knowledge_base, embeddings.model_id) if cache_dir is not None else None
-    if path is not None and path.exists():
-        try:
-            matrix = np.load(path, allow_pickle=False)
-            if matrix.ndim == 2 and matrix.shape[0] == len(texts) and np.isfinite(matrix).all():
-                return matrix.astype(np.float32), True
-            logger.warning("index_cache_invalid", path=str(path), shape=list(matrix.shape))
-        except (OSError, ValueError) as error:
-            logger.warning("index_cache_unreadable", path=str(path), error=str(error))
-    matrix = embeddings.embed_corpus_blocking(texts)
+    key = hashlib.sha256(
+        f"{knowledge_base.content_hash}\n{embeddings.model_id}\n{CLASSIFIER_VERSION}".encode()
+    ).hexdigest()
+    path = cache_dir / "index" / f"{key}.npz" if cache_dir is not None else None
+    cached = _load(path, ("vectors", "coefficients", "intercepts")) if path is not None else None
+    if (
+        cached is not None
+        and cached["vectors"].shape[0] == len(texts)
+        and len(cached["intercepts"]) == len(knowledge_base)
+    ):
+        weights = ClassifierWeights(cached["coefficients"], cached["intercepts"])
+        return Retriever(knowledge_base, cached["vectors"].astype(np.float32), weights), True
+    vectors = embeddings.embed_corpus_blocking(texts)
+    weights = train_classifier(knowledge_base, vectors)
     if path is not None:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            handle, temp_name = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-            with os.fdopen(handle, "wb") as file:
-                np.save(file, matrix, allow_pickle=False)
-            Path(temp_name).replace(path)
-        except OSError as error:
-            logger.warning("index_cache_write_failed", path=str(path), error=str(error))
-    return matrix, False
+        _atomic_save(path, vectors=vectors, coefficients=weights.coefficients, intercepts=weights.intercepts)
+    return Retriever(knowledge_base, vectors, weights), False

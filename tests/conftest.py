@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-STARTUP_TIMEOUT_SECONDS = 180.0
+STARTUP_TIMEOUT_SECONDS = 420.0
 
 
 def free_port() -> int:

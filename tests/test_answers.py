@@ -62,8 +62,7 @@ def test_defi_question_is_answered_on_topic(client: httpx.Client, question: str,
     assert 0.0 < float(body["confidence"]) <= 1.0
     assert body["error"] is None and body["session_id"] is None
     assert len({source["id"] for source in sources}) == len(sources) <= 5
-    scores = [source["score"] for source in sources]
-    assert scores == sorted(scores, reverse=True)
+    assert all(0.0 <= source["score"] <= 1.0 for source in sources)
 
 
 @pytest.mark.parametrize("question", OFF_TOPIC)
