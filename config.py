@@ -13,6 +13,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent
+APP_VERSION = "1.0.0"
 
 Environment = Literal["development", "test", "staging", "production"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
@@ -49,6 +50,8 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=16_384, ge=1024)
     secret_key: SecretStr | None = None
     use_https: bool = False
+    admin_token: SecretStr | None = None
+    metrics_token: SecretStr | None = None
 
     # Agent and retrieval
     agent_similarity_threshold: float = Field(default=0.40, ge=0.0, le=1.0)
@@ -112,7 +115,7 @@ class Settings(BaseSettings):
             raise ValueError("must be a limits storage URI such as memory:// or redis://host:6379")
         return value
 
-    @field_validator("secret_key", "openai_api_key", "openai_base_url", mode="before")
+    @field_validator("secret_key", "admin_token", "metrics_token", "openai_api_key", "openai_base_url", mode="before")
     @classmethod
     def _empty_means_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import platform
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
@@ -14,10 +15,13 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from agents.factory import build_agent
-from api.routes import ask, health, stream, ui, websocket
-from config import Settings, get_settings
+from api.monitoring import Monitoring, warn_if_operator_endpoints_open
+from api.routes import ask, health, operations, stream, ui, websocket
+from config import APP_VERSION, Settings, get_settings
 from infrastructure.logging import configure_logging
+from infrastructure.metrics import mark_process_dead, multiprocess_metrics, set_build_info
 from infrastructure.rate_limit import QuestionRateLimiter, parse_networks
+from infrastructure.system import SystemSampler
 from middleware.body_limit import BodySizeLimitMiddleware
 from middleware.errors import install_error_handlers
 from middleware.request_context import RequestContextMiddleware
@@ -31,18 +35,28 @@ logger = structlog.get_logger(__name__)
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Build the agent once (off the loop), run background tasks, release everything at shutdown."""
     settings: Settings = app.state.settings
+    monitoring: Monitoring = app.state.monitoring
     agent = await asyncio.to_thread(build_agent, settings, app.state.knowledge_base)
     await agent.embeddings.start()
+    agent.on_outcome = monitoring.outcomes.record
     app.state.agent = agent
-    cleanup = asyncio.create_task(agent.sessions.run_cleanup(settings.session_cleanup_interval_seconds))
+    set_build_info(APP_VERSION, platform.python_version(), agent.embeddings.model_id)
+    tasks = [
+        asyncio.create_task(agent.sessions.run_cleanup(settings.session_cleanup_interval_seconds)),
+        asyncio.create_task(monitoring.loop_lag.run()),
+    ]
+    warn_if_operator_endpoints_open(settings)
     logger.info("service_ready", host=settings.host, port=settings.port, environment=settings.environment)
     try:
         yield
     finally:
-        cleanup.cancel()
-        with suppress(asyncio.CancelledError):
-            await cleanup
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with suppress(asyncio.CancelledError):
+                await task
         await agent.embeddings.close()
+        mark_process_dead()
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -57,7 +71,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     docs = settings.enable_docs and not settings.is_production
     app = FastAPI(
         title="DeFi Q&A Bot",
-        version="1.0.0",
+        version=APP_VERSION,
         description="Answers questions about decentralized finance from a curated knowledge base, offline.",
         lifespan=lifespan,
         docs_url="/docs" if docs else None,
@@ -70,6 +84,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         settings.rate_limit_requests_per_minute, settings.rate_limit_window_seconds, settings.rate_limit_storage_uri
     )
     app.state.trusted_networks = parse_networks(settings.trusted_proxies)
+    app.state.monitoring = Monitoring(system=SystemSampler(settings.cache_dir))
     try:
         app.state.knowledge_base = load_knowledge_base(settings.dataset_path)
     except DatasetError as error:
@@ -86,12 +101,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         expose_headers=["X-Request-ID", "X-Session-ID", "Retry-After"],
     )
     app.add_middleware(SecurityHeadersMiddleware, use_https=settings.use_https)
-    app.add_middleware(RequestContextMiddleware)
+    app.add_middleware(RequestContextMiddleware, window=app.state.monitoring.requests)
     app.add_middleware(CorrelationIdMiddleware, header_name="X-Request-ID")
     app.include_router(health.router)
     app.include_router(ask.router)
     app.include_router(stream.router)
     app.include_router(websocket.router)
+    app.include_router(operations.router)
     app.include_router(ui.router)
     return app
 
@@ -102,22 +118,23 @@ app = create_app()
 def run() -> None:
     """Serve with uvicorn on HOST:PORT, with the timeouts documented in docs/deployment.md."""
     settings = get_settings()
-    uvicorn.run(
-        app if settings.workers == 1 and not settings.reload else "main:app",
-        host=settings.host,
-        port=settings.port,
-        reload=settings.reload,
-        workers=None if settings.reload else settings.workers,
-        log_config=None,
-        access_log=False,
-        proxy_headers=False,  # forwarded headers are honoured by the app, from TRUSTED_PROXIES only
-        timeout_keep_alive=5,
-        timeout_graceful_shutdown=10,
-        limit_concurrency=4000,
-        ws_max_size=1024 * 1024,
-        ws_ping_interval=20,
-        ws_ping_timeout=20,
-    )
+    with multiprocess_metrics(enabled=settings.workers > 1 and not settings.reload):
+        uvicorn.run(
+            app if settings.workers == 1 and not settings.reload else "main:app",
+            host=settings.host,
+            port=settings.port,
+            reload=settings.reload,
+            workers=None if settings.reload else settings.workers,
+            log_config=None,
+            access_log=False,
+            proxy_headers=False,  # forwarded headers are honoured by the app, from TRUSTED_PROXIES only
+            timeout_keep_alive=5,
+            timeout_graceful_shutdown=10,
+            limit_concurrency=4000,
+            ws_max_size=1024 * 1024,
+            ws_ping_interval=20,
+            ws_ping_timeout=20,
+        )
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -20,6 +20,10 @@ from services.retrieval import Retriever
 from services.sessions import Session, SessionStore, Turn
 
 logger = structlog.get_logger(__name__)
+
+
+OutcomeListener = Callable[[str, float | None], None]
+"""Told of every finished question: its outcome (answered / no_match / error) and confidence."""
 
 
 class AgentUnavailableError(RuntimeError):
@@ -51,6 +55,7 @@ class DeFiAgent:
         self.sessions = sessions
         self.settings = settings
         self._graph = build_graph(embeddings, retriever, settings)
+        self.on_outcome: OutcomeListener | None = None
 
     def clean_question(self, raw: object) -> str:
         """Validate and strip a question (raises InvalidQuestionError)."""
@@ -76,7 +81,7 @@ class DeFiAgent:
                     else:
                         final = cast(AgentState, chunk)
             except EmbeddingError as error:
-                AGENT_QUERIES.labels(outcome="error").inc()
+                self._count("error", None)
                 logger.error("agent_failed", error=str(error))
                 message = "The embedding model is unavailable; please retry shortly."
                 yield {"type": "error", "message": message, "error": message, "code": "embedding_unavailable"}
@@ -90,6 +95,11 @@ class DeFiAgent:
                 "processing_stage": result.processing_stage,
                 "total_words": len(result.answer.split()),
             }
+
+    def _count(self, outcome: str, confidence: float | None) -> None:
+        AGENT_QUERIES.labels(outcome=outcome).inc()
+        if self.on_outcome is not None:
+            self.on_outcome(outcome, confidence)
 
     def _session_lock(self, session: Session | None) -> AbstractAsyncContextManager[object]:
         return session.lock if session is not None else nullcontext()
@@ -109,7 +119,7 @@ class DeFiAgent:
         try:
             final: AgentState = await self._graph.ainvoke(state)  # type: ignore[assignment]
         except EmbeddingError as error:
-            AGENT_QUERIES.labels(outcome="error").inc()
+            self._count("error", None)
             logger.error("agent_failed", error=str(error))
             raise AgentUnavailableError("The embedding model is unavailable; please retry shortly.") from error
         AGENT_PROCESSING.observe(time.perf_counter() - started)
@@ -117,7 +127,7 @@ class DeFiAgent:
 
     def _finish(self, question: str, state: AgentState, session: Session | None) -> AgentResult:
         stage = state["processing_stage"]
-        AGENT_QUERIES.labels(outcome="answered" if stage == "response_complete" else "no_match").inc()
+        self._count("answered" if stage == "response_complete" else "no_match", state["confidence"])
         AGENT_CONFIDENCE.observe(state["confidence"])
         result = AgentResult(
             answer=state["answer"],

@@ -61,6 +61,18 @@ class QuestionRateLimiter:
             return self.hit(client_key)
         return await asyncio.to_thread(self.hit, client_key)
 
+    @property
+    def shared_storage(self) -> bool:
+        """Whether budgets live in an external store (Redis, ...) rather than this process."""
+        return not self._in_memory
+
+    def storage_reachable(self) -> bool:
+        """Ping the storage (blocking for remote stores); False when it cannot be reached."""
+        try:
+            return bool(self._limiter.limiter.storage.check())
+        except Exception:  # every storage backend raises its own client's errors
+            return False
+
     def hit(self, client_key: str) -> RateDecision:
         """Spend one question from `client_key`'s budget."""
         strategy = self._limiter.limiter

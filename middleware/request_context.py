@@ -1,4 +1,7 @@
-"""Per-request context: request id bound into logs, access log line, HTTP metrics by route template."""
+"""Per-request context: request id bound into logs, access log line, HTTP metrics by route template.
+
+Each finished request also goes into the sliding `RequestWindow` behind `/performance-stats`.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ from asgi_correlation_id import correlation_id
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from infrastructure.metrics import HTTP_REQUEST_DURATION, HTTP_REQUESTS
+from infrastructure.performance import RequestWindow
 
 logger = structlog.get_logger("access")
 
@@ -23,8 +27,9 @@ def route_template(scope: Scope) -> str:
 class RequestContextMiddleware:
     """Pure ASGI (no response buffering): works for JSON, SSE and WebSocket alike."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, window: RequestWindow | None = None) -> None:
         self.app = app
+        self.window = window
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -58,6 +63,8 @@ class RequestContextMiddleware:
             method = scope["method"]
             HTTP_REQUESTS.labels(method=method, route=route, status=str(status)).inc()
             HTTP_REQUEST_DURATION.labels(method=method, route=route).observe(duration)
+            if self.window is not None:
+                self.window.record(method, route, status, duration)
             logger.info(
                 "request_finished",
                 route=route,

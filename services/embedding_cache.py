@@ -51,6 +51,8 @@ class MemoryCache:
         self._max_size = max_size
         self._items: OrderedDict[str, np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
 
     def get(self, key: str) -> np.ndarray | None:
         """Return the vector for `key`, or None."""
@@ -58,6 +60,9 @@ class MemoryCache:
             vector = self._items.get(key)
             if vector is not None:
                 self._items.move_to_end(key)
+                self.hits += 1
+            else:
+                self.misses += 1
         EMBEDDING_CACHE_REQUESTS.labels(layer="memory", result="hit" if vector is not None else "miss").inc()
         return vector
 
@@ -84,6 +89,8 @@ class DiskCache:
         self._index: OrderedDict[str, None] = OrderedDict()
         self.healthy = True
         self.last_error: str | None = None
+        self.hits = 0
+        self.misses = 0
         self._load_index()
 
     @property
@@ -114,6 +121,11 @@ class DiskCache:
     def get(self, key: str) -> np.ndarray | None:
         """Return the stored vector, or None when absent, expired or damaged (damaged files are removed)."""
         vector = self._read(key)
+        with self._lock:
+            if vector is not None:
+                self.hits += 1
+            else:
+                self.misses += 1
         EMBEDDING_CACHE_REQUESTS.labels(layer="disk", result="hit" if vector is not None else "miss").inc()
         return vector
 

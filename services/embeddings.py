@@ -140,11 +140,17 @@ class EmbeddingService:
         self._inflight: dict[str, asyncio.Future[np.ndarray]] = {}
         self.model_calls = 0
         self.last_error: str | None = None
+        self.last_error_at: float | None = None
 
     @property
     def model_id(self) -> str:
         """The id of the model producing the vectors (part of every cache key)."""
         return self.provider.model_id
+
+    @property
+    def running(self) -> bool:
+        """Whether the batching worker is alive (questions can be embedded)."""
+        return self._worker is not None and not self._worker.done()
 
     async def start(self) -> None:
         """Start the batching worker on the running loop."""
@@ -212,12 +218,14 @@ class EmbeddingService:
                 vectors = await loop.run_in_executor(self._executor, self._embed_now, [item.text for item in batch])
             except Exception as error:
                 self.last_error = str(error)
+                self.last_error_at = time.time()
                 logger.error("embedding_failed", error=str(error), batch_size=len(batch))
                 for item in batch:
                     if not item.future.done():
                         item.future.set_exception(EmbeddingError(str(error)))
                 continue
             self.last_error = None
+            self.last_error_at = None
             for item, vector in zip(batch, vectors, strict=True):
                 if not item.future.done():
                     item.future.set_result(vector)

@@ -100,10 +100,11 @@ class Retriever:
         self._vectorizer = _vectorizer()
         self._lexical = self._vectorizer.fit_transform(texts).T.tocsr()
         dimension = self._dense.shape[1]
-        self._classifier = classifier
-        if classifier is not None:
+        self._has_classifier = classifier is not None
+        if classifier is not None:  # split once; the combined matrix is not kept
             self._dense_weights = np.ascontiguousarray(classifier.coefficients[:, :dimension])
-            self._lexical_weights = classifier.coefficients[:, dimension:].T.copy()
+            self._lexical_weights = np.ascontiguousarray(classifier.coefficients[:, dimension:].T)
+            self._intercepts = classifier.intercepts
         self.phrasing_count = len(texts)
 
     def search(self, vector: np.ndarray, text: str, limit: int) -> list[Match]:
@@ -114,7 +115,7 @@ class Retriever:
         best_phrasing = np.maximum.reduceat(combined, self._starts)
         similarity = np.clip(BEST_PHRASING_WEIGHT * best_phrasing + CENTROID_WEIGHT * (self._centroids @ vector), 0, 1)
         ranking = similarity
-        if self._classifier is not None:
+        if self._has_classifier:
             ranking = similarity + CLASSIFIER_WEIGHT * self._probabilities(vector, query)
         limit = min(limit, ranking.shape[0])
         top = np.argpartition(-ranking, limit - 1)[:limit]
@@ -123,8 +124,7 @@ class Retriever:
         return [Match(entries[index], float(similarity[index])) for index in top]
 
     def _probabilities(self, vector: np.ndarray, query: sparse.csr_matrix) -> np.ndarray:
-        assert self._classifier is not None
-        logits = self._dense_weights @ vector + (query @ self._lexical_weights).ravel() + self._classifier.intercepts
+        logits = self._dense_weights @ vector + (query @ self._lexical_weights).ravel() + self._intercepts
         logits = np.exp(logits - logits.max())
         probabilities: np.ndarray = logits / logits.sum()
         return probabilities
