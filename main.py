@@ -131,9 +131,13 @@ def run() -> None:
             timeout_keep_alive=5,
             timeout_graceful_shutdown=10,
             limit_concurrency=4000,
+            ws="websockets",  # closes bad frames (e.g. invalid UTF-8) without logging tracebacks
             ws_max_size=1024 * 1024,
             ws_ping_interval=20,
             ws_ping_timeout=20,
+            # A worker imports the app (model, dataset) before it can answer the supervisor's ping: the 5 s
+            # default gets slow starts killed and restarted in a loop.
+            timeout_worker_healthcheck=60,
         )
 
 

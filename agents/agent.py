@@ -68,33 +68,36 @@ class DeFiAgent:
             return self._finish(question, state, session)
 
     async def stream(self, question: str, session: Session | None = None) -> AsyncIterator[dict[str, Any]]:
-        """Yield `metadata`, `word`... and `complete` events; an `error` event ends a failed stream."""
-        async with self._session_lock(session):
-            started = time.perf_counter()
-            final: AgentState | None = None
-            try:
-                async for mode, chunk in self._graph.astream(
-                    self._input(question, session, streaming=True), stream_mode=["custom", "values"]
-                ):
-                    if mode == "custom":
-                        yield cast(dict[str, Any], chunk)
-                    else:
-                        final = cast(AgentState, chunk)
-            except EmbeddingError as error:
-                self._count("error", None)
-                logger.error("agent_failed", error=str(error))
-                message = "The embedding model is unavailable; please retry shortly."
-                yield {"type": "error", "message": message, "error": message, "code": "embedding_unavailable"}
-                return
-            AGENT_PROCESSING.observe(time.perf_counter() - started)
-            assert final is not None
-            result = self._finish(question, final, session)
-            yield {
-                "type": "complete",
-                "final_confidence": result.confidence,
-                "processing_stage": result.processing_stage,
-                "total_words": len(result.answer.split()),
-            }
+        """Yield `metadata`, `word`... and `complete` events; an `error` event ends a failed stream.
+
+        No lock is held while events are yielded: a consumer that stops iterating (a client gone) can
+        never block the session. The previous turn is read at the start and this turn appended at the end.
+        """
+        started = time.perf_counter()
+        final: AgentState | None = None
+        try:
+            async for mode, chunk in self._graph.astream(
+                self._input(question, session, streaming=True), stream_mode=["custom", "values"]
+            ):
+                if mode == "custom":
+                    yield cast(dict[str, Any], chunk)
+                else:
+                    final = cast(AgentState, chunk)
+        except EmbeddingError as error:
+            self._count("error", None)
+            logger.error("agent_failed", error=str(error))
+            message = "The embedding model is unavailable; please retry shortly."
+            yield {"type": "error", "message": message, "error": message, "code": "embedding_unavailable"}
+            return
+        AGENT_PROCESSING.observe(time.perf_counter() - started)
+        assert final is not None
+        result = self._finish(question, final, session)
+        yield {
+            "type": "complete",
+            "final_confidence": result.confidence,
+            "processing_stage": result.processing_stage,
+            "total_words": len(result.answer.split()),
+        }
 
     def _count(self, outcome: str, confidence: float | None) -> None:
         AGENT_QUERIES.labels(outcome=outcome).inc()

@@ -13,7 +13,8 @@ import structlog
 from structlog.types import EventDict, WrappedLogger
 
 _question_max_chars = 80
-_SECRET_PATTERN = re.compile(r"(sk-[A-Za-z0-9_-]{8,}|Bearer\s+[A-Za-z0-9._~+/=-]+)")
+# API keys, bearer tokens, and the dashboard's `?token=` query value.
+_SECRET_PATTERN = re.compile(r"(sk-[A-Za-z0-9_-]{8,}|Bearer\s+[A-Za-z0-9._~+/=-]+|(?<=[?&]token=)[^&\s\"]+)")
 
 
 def truncate_for_log(text: str) -> str:

@@ -82,8 +82,9 @@ BUILD_INFO = Gauge(
 
 
 def set_build_info(version: str, python: str, embedding_model: str) -> None:
-    """Publish the one build-info sample (replacing any earlier one)."""
-    BUILD_INFO.clear()
+    """Publish the one build-info sample (replacing any earlier one in this process)."""
+    if not multiprocess_enabled():  # clearing is not supported in multiprocess mode (one app per worker there)
+        BUILD_INFO.clear()
     BUILD_INFO.labels(version=version, python=python, embedding_model=embedding_model).set(1)
 
 

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import time
 
+import anyio
 import structlog
 from asgi_correlation_id import correlation_id
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from infrastructure.metrics import HTTP_REQUEST_DURATION, HTTP_REQUESTS
+from infrastructure.metrics import HTTP_REQUEST_DURATION, HTTP_REQUESTS, SSE_STREAMS_ACTIVE, STREAMS_CANCELLED
 from infrastructure.performance import RequestWindow
 
 logger = structlog.get_logger("access")
@@ -22,6 +23,12 @@ def route_template(scope: Scope) -> str:
     route = scope.get("route")
     path = getattr(route, "path", None)
     return path if isinstance(path, str) else "unmatched"
+
+
+def _is_disconnect(error: BaseException) -> bool:
+    if isinstance(error, BaseExceptionGroup):
+        return all(_is_disconnect(inner) for inner in error.exceptions)
+    return isinstance(error, anyio.BrokenResourceError | anyio.ClosedResourceError)
 
 
 class RequestContextMiddleware:
@@ -46,18 +53,38 @@ class RequestContextMiddleware:
         status = 500
         session_id: str | None = None
 
+        event_stream = False
+        body_finished = False
+
         async def capture(message: Message) -> None:
-            nonlocal status, session_id
+            nonlocal status, session_id, event_stream, body_finished
             if message["type"] == "http.response.start":
                 status = message["status"]
                 for name, value in message.get("headers", []):
                     if name.lower() == b"x-session-id":
                         session_id = value.decode("latin-1")
+                    elif name.lower() == b"content-type" and value.startswith(b"text/event-stream"):
+                        event_stream = True
+                        SSE_STREAMS_ACTIVE.inc()
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                body_finished = True
             await send(message)
 
         try:
             await self.app(scope, receive, capture)
+        except Exception as error:
+            # A client that hangs up mid-stream surfaces as anyio's Broken/ClosedResourceError (inside an
+            # exception group from the SSE task group): the response already started, nothing is wrong.
+            if status == 500 or not _is_disconnect(error):
+                raise
+            logger.info("client_disconnected", reason=type(error).__name__)
         finally:
+            if event_stream:
+                # Counted here, from the response's own life, not from generator finalisation.
+                SSE_STREAMS_ACTIVE.dec()
+                if not body_finished:
+                    STREAMS_CANCELLED.labels(transport="sse").inc()
+                    logger.info("stream_cancelled", transport="sse", reason="client_disconnected")
             duration = time.perf_counter() - started
             route = route_template(scope)
             method = scope["method"]

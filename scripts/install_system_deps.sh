@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Install the Debian packages the test suite drives for real, when they are missing:
-# redis-server (shared state tests) and chromium + chromium-driver (browser tests).
+# redis-server (shared state tests), chromium + chromium-driver (browser tests) and prometheus (its promtool
+# lints the /metrics output).
 set -euo pipefail
 
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
+command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0

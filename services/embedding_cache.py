@@ -153,6 +153,7 @@ class DiskCache:
     def put(self, key: str, vector: np.ndarray) -> None:
         """Write `vector` atomically (temp file + rename) and enforce the size cap."""
         path = self._path(key)
+        temp_name: str | None = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             handle, temp_name = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
@@ -160,6 +161,9 @@ class DiskCache:
                 file.write(_encode(vector))
             Path(temp_name).replace(path)
         except OSError as error:
+            if temp_name is not None:
+                with contextlib.suppress(OSError):
+                    Path(temp_name).unlink()
             self._mark_unhealthy("write", error)
             return
         self.healthy = True

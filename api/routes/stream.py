@@ -12,7 +12,6 @@ from fastapi.sse import EventSourceResponse, ServerSentEvent
 from agents.agent import DeFiAgent
 from api.deps import AgentDep, QuestionBudget
 from api.schemas import AskRequest, ErrorResponse, SessionAskRequest
-from infrastructure.metrics import SSE_STREAMS_ACTIVE, STREAMS_CANCELLED
 from services.sessions import Session
 
 logger = structlog.get_logger(__name__)
@@ -30,18 +29,9 @@ _STREAM_DOC: dict[int | str, dict[str, Any]] = {
 
 
 async def answer_events(agent: DeFiAgent, question: str, session: Session | None) -> AsyncIterator[ServerSentEvent]:
-    """Wrap the agent's events as SSE, counting streams and noting the ones the client abandoned."""
-    SSE_STREAMS_ACTIVE.inc()
-    finished = False
-    try:
-        async for event in agent.stream(question, session):
-            yield ServerSentEvent(data=event)
-        finished = True
-    finally:
-        SSE_STREAMS_ACTIVE.dec()
-        if not finished:
-            STREAMS_CANCELLED.labels(transport="sse").inc()
-            logger.info("stream_cancelled", transport="sse", reason="client_disconnected")
+    """Wrap the agent's events as SSE (open and abandoned streams are counted by RequestContextMiddleware)."""
+    async for event in agent.stream(question, session):
+        yield ServerSentEvent(data=event)
 
 
 def _stateless_question(body: AskRequest, agent: AgentDep) -> str:

@@ -135,7 +135,7 @@ class ChatConnection:
     async def _handle_text(self, text: str) -> None:
         try:
             payload = json.loads(text)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             WEBSOCKET_MESSAGES.labels(direction="in", type="invalid").inc()
             await self.send_error("Message is not valid JSON", "invalid_json")
             return
@@ -197,6 +197,8 @@ class ChatConnection:
                     task.cancel()
                     await asyncio.wait([task])
                 self.current_answer = None
+                if not task.cancelled():
+                    task.exception()  # retrieved here even when this loop is being cancelled
             if not task.cancelled() and (error := task.exception()) is not None:
                 raise error
 

@@ -1,0 +1,187 @@
+"""The operator's view of the service: what `/health-status` and the dashboard report, and how it is judged.
+
+A component is `healthy`, `degraded` (still answering, something is off) or `unhealthy` (cannot answer);
+the service takes the worst of its components.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import structlog
+
+from agents.agent import DeFiAgent
+from config import Settings
+from infrastructure.metrics import SSE_STREAMS_ACTIVE, WEBSOCKET_CONNECTIONS, gauge_value
+from infrastructure.performance import OutcomeWindow, RequestWindow
+from infrastructure.system import EventLoopLagMonitor, SystemSampler
+from services.embeddings import EmbeddingService
+
+logger = structlog.get_logger(__name__)
+
+Status = Literal["healthy", "degraded", "unhealthy"]
+_RANK: dict[Status, int] = {"healthy": 0, "degraded": 1, "unhealthy": 2}
+
+MONITORING_ROUTES = frozenset(
+    {"/health", "/health-status", "/metrics", "/system-metrics", "/performance-stats", "/dashboard", "/static/{name}"}
+)
+"""Probes, scrapes and the dashboard's own polling: kept out of the request window so it shows real traffic."""
+
+ADMIN_ROUTES = ("/dashboard", "/system-metrics", "/performance-stats")
+
+
+@dataclass
+class Monitoring:
+    """The in-process figures the operator endpoints read, built once per app."""
+
+    requests: RequestWindow = field(default_factory=lambda: RequestWindow(ignored_routes=MONITORING_ROUTES))
+    outcomes: OutcomeWindow = field(default_factory=OutcomeWindow)
+    loop_lag: EventLoopLagMonitor = field(default_factory=EventLoopLagMonitor)
+    system: SystemSampler = field(default_factory=SystemSampler)
+    last_status: Status | None = None
+
+
+def component(status: Status, detail: str, **extra: Any) -> dict[str, Any]:
+    """One component's entry: its status, a human sentence, and any figures."""
+    return {"status": status, "detail": detail, **extra}
+
+
+def worst(statuses: list[Status]) -> Status:
+    """The most severe of `statuses` (healthy when there are none)."""
+    return max(statuses, key=lambda status: _RANK[status], default="healthy")
+
+
+def cache_stats(embeddings: EmbeddingService) -> dict[str, Any]:
+    """Hits and misses of both cache layers since start-up, and the share of question look-ups served by a cache."""
+    layers: dict[str, dict[str, Any]] = {}
+    for name, layer in (("memory", embeddings.memory_cache), ("disk", embeddings.disk_cache)):
+        if layer is not None:
+            lookups = layer.hits + layer.misses
+            layers[name] = {
+                "entries": len(layer),
+                "hits": layer.hits,
+                "misses": layer.misses,
+                "hit_rate": round(layer.hits / lookups, 4) if lookups else None,
+            }
+    # A question is looked up in the first layer; a disk look-up only follows a memory miss.
+    first = layers.get("memory") or layers.get("disk")
+    first_lookups = first["hits"] + first["misses"] if first else 0
+    hits = sum(layer["hits"] for layer in layers.values())
+    return {"hit_rate": round(hits / first_lookups, 4) if first_lookups else None, "layers": layers}
+
+
+def embeddings_component(embeddings: EmbeddingService) -> dict[str, Any]:
+    """Unhealthy when the batching worker is gone; degraded while the last model call failed."""
+    provider = embeddings.provider.name
+    if not embeddings.running:
+        return component("unhealthy", "the embedding worker is not running", provider=provider)
+    if embeddings.last_error is not None:
+        return component(
+            "degraded",
+            f"the last embedding call failed: {embeddings.last_error[:200]}",
+            provider=provider,
+            failed_at=embeddings.last_error_at,
+        )
+    return component(
+        "healthy",
+        f"{provider} provider ready",
+        provider=provider,
+        model=embeddings.model_id,
+        model_calls=embeddings.model_calls,
+    )
+
+
+def cache_component(embeddings: EmbeddingService, stats: dict[str, Any]) -> dict[str, Any]:
+    """Degraded when the disk cache cannot be read or written (answers still work, only slower)."""
+    disk = embeddings.disk_cache
+    if embeddings.memory_cache is None and disk is None:
+        return component("healthy", "caching is disabled", hit_rate=None)
+    if disk is not None and not disk.healthy:
+        return component("degraded", f"disk cache failing: {disk.last_error}", directory=str(disk.directory), **stats)
+    return component("healthy", "cache layers working", **stats)
+
+
+def dataset_component(entries: int) -> dict[str, Any]:
+    """Unhealthy when the knowledge base has no entries to answer from."""
+    if entries == 0:
+        return component("unhealthy", "the knowledge base has no entries", entries=0)
+    return component("healthy", f"{entries} knowledge-base entries loaded", entries=entries)
+
+
+def health_report(
+    agent: DeFiAgent | None, monitoring: Monitoring, redis_reachable: bool | None = None
+) -> dict[str, Any]:
+    """The `/health-status` body; `redis_reachable` is None when no Redis is configured."""
+    components: dict[str, dict[str, Any]] = {}
+    hit_rate: float | None = None
+    active_sessions = 0
+    if agent is None:
+        components["agent"] = component("unhealthy", "the agent is not loaded")
+    else:
+        stats = cache_stats(agent.embeddings)
+        hit_rate = stats["hit_rate"]
+        active_sessions = len(agent.sessions)
+        components["agent"] = component(
+            "healthy",
+            "agent loaded",
+            phrasings=agent.retriever.phrasing_count,
+            similarity_threshold=agent.settings.similarity_threshold,
+        )
+        components["embeddings"] = embeddings_component(agent.embeddings)
+        components["cache"] = cache_component(agent.embeddings, stats)
+        components["dataset"] = dataset_component(len(agent.retriever.knowledge_base))
+    if redis_reachable is not None:
+        components["redis"] = (
+            component("healthy", "rate-limit storage reachable")
+            if redis_reachable
+            else component("unhealthy", "rate-limit storage unreachable: questions cannot be counted")
+        )
+    status = worst([entry["status"] for entry in components.values()])
+    requests = monitoring.requests.snapshot()["total"]
+    outcomes = monitoring.outcomes.snapshot()
+    avg_ms = requests["avg_ms"]
+    _note_change(monitoring, status, components)
+    return {
+        "status": status,
+        "timestamp": time.time(),
+        "components": components,
+        "metrics": {
+            "active_sessions": active_sessions,
+            "websocket_connections": int(gauge_value(WEBSOCKET_CONNECTIONS)),
+            "sse_streams_active": int(gauge_value(SSE_STREAMS_ACTIVE)),
+            "cache_hit_rate": hit_rate,
+            "avg_response_time": round(avg_ms / 1000.0, 6) if avg_ms is not None else None,
+            "requests_in_window": requests["requests"],
+            "error_rate": requests["error_rate"],
+            "questions_in_window": outcomes["questions"],
+            "answered_share": outcomes["answered_share"],
+            "avg_confidence": outcomes["avg_confidence"],
+            "event_loop_lag_ms": monitoring.loop_lag.summary()["current_ms"],
+            "uptime_seconds": round(time.time() - monitoring.system.started_at, 3),
+            "window_seconds": monitoring.requests.window_seconds,
+        },
+    }
+
+
+def _note_change(monitoring: Monitoring, status: Status, components: dict[str, dict[str, Any]]) -> None:
+    if monitoring.last_status is not None and status != monitoring.last_status:
+        failing = {name: entry["detail"] for name, entry in components.items() if entry["status"] != "healthy"}
+        log = logger.info if status == "healthy" else logger.warning
+        log("health_status_changed", previous=monitoring.last_status, status=status, failing=failing)
+    monitoring.last_status = status
+
+
+def warn_if_operator_endpoints_open(settings: Settings) -> None:
+    """In production, say at start-up which operator endpoints anyone can read."""
+    if not settings.is_production:
+        return
+    if settings.admin_token is None:
+        logger.warning(
+            "operator_endpoints_open", endpoints=list(ADMIN_ROUTES), hint="set ADMIN_TOKEN to require a bearer token"
+        )
+    if settings.metrics_token is None:
+        logger.warning(
+            "metrics_endpoint_open", endpoints=["/metrics"], hint="set METRICS_TOKEN or restrict /metrics at the proxy"
+        )

@@ -1,0 +1,36 @@
+"""Operator figures: `/system-metrics` (host and process) and `/performance-stats` (the last few minutes)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from fastapi import APIRouter
+
+from api.deps import AdminOnly, AgentDep, MonitoringDep
+from api.monitoring import cache_stats
+from infrastructure.metrics import SSE_STREAMS_ACTIVE, WEBSOCKET_CONNECTIONS, gauge_value
+
+router = APIRouter(tags=["operations"], include_in_schema=False, dependencies=[AdminOnly])
+
+
+@router.get("/system-metrics")
+async def system_metrics(monitoring: MonitoringDep) -> dict[str, Any]:
+    """CPU, memory, process RSS, open file descriptors, threads, uptime and event-loop lag (psutil)."""
+    return {**monitoring.system.snapshot(), "event_loop_lag": monitoring.loop_lag.summary()}
+
+
+@router.get("/performance-stats")
+async def performance_stats(monitoring: MonitoringDep, agent: AgentDep) -> dict[str, Any]:
+    """Per-route count, latency percentiles and error rate over the sliding window; cache and answer figures."""
+    return {
+        "worker_pid": os.getpid(),  # these windows are per worker; Prometheus has the totals
+        "requests": monitoring.requests.snapshot(),
+        "answers": monitoring.outcomes.snapshot(),
+        "cache": cache_stats(agent.embeddings),
+        "sessions": {"active": len(agent.sessions)},
+        "connections": {
+            "websocket": int(gauge_value(WEBSOCKET_CONNECTIONS)),
+            "sse_streams": int(gauge_value(SSE_STREAMS_ACTIVE)),
+        },
+    }

@@ -1,0 +1,579 @@
+"""Closed-loop load generators (httpx and websockets asyncio clients, optionally wrk), bounded in time.
+
+Every phase runs `concurrency` workers; each sends a request, waits for the whole answer, and sends
+the next, until the phase's deadline or its request budget. Throughput is completed answers divided
+by the time from the first request to the last answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import numpy as np
+import psutil  # type: ignore[import-untyped]
+from websockets.asyncio.client import ClientConnection, connect
+
+from bench.server import ProcessWatch
+
+REQUEST_TIMEOUT_SECONDS = 60.0
+
+
+class QuestionPool:
+    """Hands out questions in file order, never the same one twice until the file is used up."""
+
+    def __init__(self, questions: list[str]) -> None:
+        if not questions:
+            raise ValueError("the question pool is empty")
+        self._questions = questions
+        self._next = 0
+        self.wraps = 0
+
+    def take(self) -> str:
+        if self._next == len(self._questions):
+            self._next = 0
+            self.wraps += 1
+        question = self._questions[self._next]
+        self._next += 1
+        return question
+
+    def take_many(self, count: int) -> list[str]:
+        return [self.take() for _ in range(count)]
+
+    @property
+    def used(self) -> int:
+        return self.wraps * len(self._questions) + self._next
+
+    def __len__(self) -> int:
+        return len(self._questions)
+
+
+def summarize(values: list[float]) -> dict[str, float | None]:
+    """Milliseconds: p50, p95, p99, mean, max (None when there is nothing to summarise)."""
+    if not values:
+        return {"p50": None, "p95": None, "p99": None, "mean": None, "max": None}
+    array = np.asarray(values, dtype=np.float64) * 1000.0
+    p50, p95, p99 = np.percentile(array, [50, 95, 99])
+    return {
+        "p50": round(float(p50), 2),
+        "p95": round(float(p95), 2),
+        "p99": round(float(p99), 2),
+        "mean": round(float(array.mean()), 2),
+        "max": round(float(array.max()), 2),
+    }
+
+
+@dataclass
+class PhaseOutcome:
+    """What a closed-loop phase measured (timings in seconds)."""
+
+    concurrency: int
+    elapsed: float = 0.0
+    ok: int = 0
+    errors: Counter[str] = field(default_factory=Counter)
+    timings: dict[str, list[float]] = field(default_factory=dict)
+
+    def record(self, sample: dict[str, float]) -> None:
+        self.ok += 1
+        for name, value in sample.items():
+            self.timings.setdefault(name, []).append(value)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "concurrency": self.concurrency,
+            "elapsed_s": round(self.elapsed, 3),
+            "completed": self.ok,
+            "errors": sum(self.errors.values()),
+            "error_kinds": dict(self.errors.most_common(5)),
+            "throughput_per_s": round(self.ok / self.elapsed, 2) if self.elapsed > 0 else 0.0,
+            "latency_ms": {name: summarize(values) for name, values in self.timings.items()},
+        }
+
+
+class Worker:
+    """One closed-loop client: `request()` returns named timings in seconds, or raises."""
+
+    async def request(self) -> dict[str, float]:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        return None
+
+
+async def closed_loop(
+    make_worker: Callable[[], Worker], concurrency: int, duration: float, max_requests: int
+) -> PhaseOutcome:
+    """Run `concurrency` workers until `duration` seconds have passed or `max_requests` were sent."""
+    outcome = PhaseOutcome(concurrency)
+    started = time.perf_counter()
+    deadline = started + duration
+    issued = 0
+
+    async def run_worker() -> None:
+        nonlocal issued
+        worker = make_worker()
+        try:
+            while time.perf_counter() < deadline and issued < max_requests:
+                issued += 1
+                try:
+                    sample = await asyncio.wait_for(worker.request(), REQUEST_TIMEOUT_SECONDS)
+                except Exception as error:  # every failure is counted, none stops the phase
+                    outcome.errors[_describe(error)] += 1
+                else:
+                    outcome.record(sample)
+        finally:
+            await worker.close()
+
+    await asyncio.gather(*(run_worker() for _ in range(concurrency)))
+    outcome.elapsed = time.perf_counter() - started
+    return outcome
+
+
+def _describe(error: BaseException) -> str:
+    text = str(error).splitlines()[0][:80] if str(error) else ""
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+class StatusError(RuntimeError):
+    """The server answered with an unexpected status or payload."""
+
+
+# ---------------------------------------------------------------------------------------------- HTTP
+
+
+def http_client(base_url: str, concurrency: int) -> httpx.AsyncClient:
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    return httpx.AsyncClient(base_url=base_url, limits=limits, timeout=REQUEST_TIMEOUT_SECONDS, trust_env=False)
+
+
+class HealthWorker(Worker):
+    def __init__(self, client: httpx.AsyncClient) -> None:
+        self.client = client
+
+    async def request(self) -> dict[str, float]:
+        started = time.perf_counter()
+        response = await self.client.get("/health")
+        if response.status_code != 200:
+            raise StatusError(f"HTTP {response.status_code}")
+        return {"latency": time.perf_counter() - started}
+
+
+class AskWorker(Worker):
+    """POST /ask with the next question from `next_question`."""
+
+    def __init__(self, client: httpx.AsyncClient, next_question: Callable[[], str]) -> None:
+        self.client = client
+        self.next_question = next_question
+
+    async def request(self) -> dict[str, float]:
+        question = self.next_question()
+        started = time.perf_counter()
+        response = await self.client.post("/ask", json={"question": question})
+        elapsed = time.perf_counter() - started
+        if response.status_code != 200:
+            raise StatusError(f"HTTP {response.status_code}")
+        if b'"answer"' not in response.content:
+            raise StatusError("no answer in the body")
+        return {"latency": elapsed}
+
+
+class SSEWorker(Worker):
+    """POST /ask-stream, read `data:` lines: time to the first `word` event and to `complete`."""
+
+    def __init__(self, client: httpx.AsyncClient, next_question: Callable[[], str]) -> None:
+        self.client = client
+        self.next_question = next_question
+
+    async def request(self) -> dict[str, float]:
+        question = self.next_question()
+        started = time.perf_counter()
+        first_word: float | None = None
+        async with self.client.stream("POST", "/ask-stream", json={"question": question}) as response:
+            if response.status_code != 200:
+                raise StatusError(f"HTTP {response.status_code}")
+            async for line in response.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                event = json.loads(line[5:])
+                kind = event.get("type")
+                if kind == "word" and first_word is None:
+                    first_word = time.perf_counter() - started
+                elif kind == "complete":
+                    total = time.perf_counter() - started
+                    return {"first_word": first_word if first_word is not None else total, "complete": total}
+                elif kind == "error":
+                    raise StatusError(f"error event: {event.get('message')}")
+        raise StatusError("stream ended without a complete event")
+
+
+# ----------------------------------------------------------------------------------------- WebSocket
+
+
+async def ws_connect(url: str) -> ClientConnection:
+    """Open /ws/ask and read the `status: connected` greeting."""
+    connection = await connect(
+        url,
+        open_timeout=REQUEST_TIMEOUT_SECONDS,
+        ping_interval=None,
+        max_size=2**22,
+        compression=None,
+        proxy=None,
+    )
+    greeting = json.loads(await connection.recv())
+    if greeting.get("type") != "status":
+        await connection.close()
+        raise StatusError(f"unexpected greeting {greeting.get('type')}")
+    return connection
+
+
+async def ws_ask(connection: ClientConnection, question: str) -> dict[str, float]:
+    """Send one question on an open connection; time to the first `word` and to `complete`."""
+    started = time.perf_counter()
+    first_word: float | None = None
+    await connection.send(json.dumps({"type": "question", "data": {"question": question}}))
+    while True:
+        event = json.loads(await connection.recv())
+        kind = event.get("type")
+        if kind == "word" and first_word is None:
+            first_word = time.perf_counter() - started
+        elif kind == "complete":
+            total = time.perf_counter() - started
+            return {"first_word": first_word if first_word is not None else total, "complete": total}
+        elif kind == "error":
+            raise StatusError(f"error message: {event.get('code')}")
+
+
+class WebSocketWorker(Worker):
+    """One chat connection kept open, asking questions one after another (reconnects after a failure)."""
+
+    def __init__(self, url: str, next_question: Callable[[], str]) -> None:
+        self.url = url
+        self.next_question = next_question
+        self.connection: ClientConnection | None = None
+
+    async def request(self) -> dict[str, float]:
+        if self.connection is None:
+            self.connection = await ws_connect(self.url)
+        try:
+            return await ws_ask(self.connection, self.next_question())
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        if self.connection is not None:
+            connection, self.connection = self.connection, None
+            with contextlib.suppress(Exception):  # closing a broken connection may fail; it is gone anyway
+                await asyncio.wait_for(connection.close(), 5)
+
+
+async def many_websockets(url: str, questions: list[str], limit_seconds: float) -> dict[str, Any]:
+    """Open len(questions) connections at once; when all are open, each asks its question, then closes."""
+    count = len(questions)
+    errors: Counter[str] = Counter()
+    connect_times: list[float] = []
+    first_words: list[float] = []
+    completes: list[float] = []
+    opened = 0
+    peak_open = 0
+    all_connected = asyncio.Event()
+    settled = 0
+    started = time.perf_counter()
+
+    def settle() -> None:
+        nonlocal settled
+        settled += 1
+        if settled == count:
+            all_connected.set()
+
+    async def one(question: str) -> None:
+        nonlocal opened, peak_open
+        connection: ClientConnection | None = None
+        is_settled = False
+        try:
+            begin = time.perf_counter()
+            connection = await ws_connect(url)
+            connect_times.append(time.perf_counter() - begin)
+            opened += 1
+            peak_open = max(peak_open, opened)
+            settle()
+            is_settled = True
+            await all_connected.wait()
+            sample = await ws_ask(connection, question)
+            first_words.append(sample["first_word"])
+            completes.append(sample["complete"])
+        except Exception as error:
+            errors[_describe(error)] += 1
+        finally:
+            if not is_settled:
+                settle()
+            if connection is not None:
+                try:
+                    await asyncio.wait_for(connection.close(), 10)
+                except Exception as error:
+                    errors[f"close: {_describe(error)}"] += 1
+                opened -= 1
+
+    tasks = [asyncio.create_task(one(question)) for question in questions]
+    _, pending = await asyncio.wait(tasks, timeout=limit_seconds)
+    for task in pending:
+        task.cancel()
+    if pending:
+        errors["timeout: no answer within the phase limit"] += len(pending)
+        await asyncio.gather(*pending, return_exceptions=True)
+    elapsed = time.perf_counter() - started
+    return {
+        "connections": count,
+        "peak_open_connections": peak_open,
+        "answered": len(completes),
+        "errors": sum(errors.values()),
+        "error_kinds": dict(errors.most_common(5)),
+        "total_s": round(elapsed, 3),
+        "latency_ms": {
+            "connect": summarize(connect_times),
+            "first_word": summarize(first_words),
+            "complete": summarize(completes),
+        },
+    }
+
+
+# ------------------------------------------------------------------------------------- wrk (optional)
+
+_WRK_SCRIPT = """
+wrk.method = "{method}"
+wrk.headers["Content-Type"] = "application/json"
+local bodies = {bodies}
+local next_body = 0
+if #bodies > 0 then
+  request = function()
+    next_body = next_body % #bodies + 1
+    return wrk.format(nil, nil, nil, bodies[next_body])
+  end
+end
+done = function(summary, latency, requests)
+  local errors = summary.errors.connect + summary.errors.read + summary.errors.write
+               + summary.errors.status + summary.errors.timeout
+  io.write(string.format(
+    "WRK_JSON {{\\"requests\\": %d, \\"duration_us\\": %d, \\"errors\\": %d, \\"status_errors\\": %d, "
+    .. "\\"p50_us\\": %d, \\"p95_us\\": %d, \\"p99_us\\": %d, \\"mean_us\\": %d, \\"max_us\\": %d}}\\n",
+    summary.requests, summary.duration, errors, summary.errors.status,
+    latency:percentile(50), latency:percentile(95), latency:percentile(99), latency.mean, latency.max))
+end
+"""
+
+
+def wrk_path() -> str | None:
+    return shutil.which("wrk")
+
+
+def _lua_string(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+
+async def run_wrk(url: str, concurrency: int, duration: float, bodies: list[str] | None = None) -> dict[str, Any]:
+    """One wrk run (1 thread, `concurrency` connections): GET, or POST cycling through `bodies`.
+
+    Returns figures in the same shape as `PhaseOutcome.to_json()`.
+    """
+    executable = wrk_path()
+    if executable is None:
+        raise RuntimeError("wrk is not installed")
+    method = "POST" if bodies else "GET"
+    lua_bodies = "{" + ", ".join(_lua_string(body) for body in bodies or []) + "}"
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
+        script.write(_WRK_SCRIPT.format(method=method, bodies=lua_bodies))
+    seconds = max(1, round(duration))
+    try:
+        process = await asyncio.create_subprocess_exec(
+            executable,
+            "-t1",
+            f"-c{concurrency}",
+            f"-d{seconds}s",
+            "--timeout",
+            "30s",
+            "-s",
+            script.name,
+            url,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        stdout_bytes, stderr_bytes = await asyncio.wait_for(process.communicate(), seconds + 60)
+    finally:
+        os.unlink(script.name)
+    stdout, stderr = stdout_bytes.decode(errors="replace"), stderr_bytes.decode(errors="replace")
+    match = re.search(r"^WRK_JSON (\{.*\})$", stdout, re.MULTILINE)
+    if process.returncode != 0 or match is None:
+        raise RuntimeError(f"wrk failed ({process.returncode}): {stdout[-500:]} {stderr[-500:]}")
+    figures = json.loads(match.group(1))
+    elapsed = figures["duration_us"] / 1e6
+    ok = figures["requests"] - figures["status_errors"]
+
+    def ms(key: str) -> float:
+        return round(figures[key] / 1000.0, 2)
+
+    return {
+        "tool": "wrk",
+        "concurrency": concurrency,
+        "elapsed_s": round(elapsed, 3),
+        "completed": ok,
+        "errors": figures["errors"],
+        "error_kinds": {"wrk socket/status errors": figures["errors"]} if figures["errors"] else {},
+        "throughput_per_s": round(ok / elapsed, 2) if elapsed > 0 else 0.0,
+        "latency_ms": {
+            "latency": {
+                "p50": ms("p50_us"),
+                "p95": ms("p95_us"),
+                "p99": ms("p99_us"),
+                "mean": ms("mean_us"),
+                "max": ms("max_us"),
+            }
+        },
+    }
+
+
+# ------------------------------------------------------------------------------- resources, metrics
+
+
+class ResourceSampler:
+    """Samples the server's RSS every `interval` seconds while a phase runs; CPU time of both sides."""
+
+    def __init__(self, server: ProcessWatch, interval: float = 0.1) -> None:
+        self.server = server
+        self.client = ProcessWatch(os.getpid(), include_children=False)  # the server is our child
+        self.interval = interval
+        self.peak_rss = 0
+        self._samples: list[int] = []
+        self._task: asyncio.Task[None] | None = None
+        self._started = 0.0
+        self._server_cpu = 0.0
+        self._client_cpu = 0.0
+
+    async def __aenter__(self) -> ResourceSampler:
+        self._started = time.perf_counter()
+        self._server_cpu = self.server.cpu_seconds()
+        self._client_cpu = self.client.cpu_seconds()
+        self._machine = machine_cpu_seconds()
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    async def _run(self) -> None:
+        while True:
+            rss = self.server.rss_bytes()
+            self._samples.append(rss)
+            self.peak_rss = max(self.peak_rss, rss)
+            await asyncio.sleep(self.interval)
+
+    async def __aexit__(self, *_: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+        rss = self.server.rss_bytes()
+        self.peak_rss = max(self.peak_rss, rss)
+        self.elapsed = time.perf_counter() - self._started
+        self.server_cpu = self.server.cpu_seconds() - self._server_cpu
+        self.client_cpu = self.client.cpu_seconds() - self._client_cpu
+        machine = machine_cpu_seconds()
+        self.machine_busy = machine[0] - self._machine[0]
+        self.steal = machine[1] - self._machine[1]
+
+    def to_json(self) -> dict[str, Any]:
+        elapsed = max(self.elapsed, 1e-9)
+        return {
+            "server_rss_peak_mb": round(self.peak_rss / 2**20, 1),
+            "server_cpu_cores": round(self.server_cpu / elapsed, 2),
+            "client_cpu_cores": round(self.client_cpu / elapsed, 2),
+            # Everything else on the machine (other processes): the benchmark shares the 2 cores with them.
+            "other_cpu_cores": round(max(0.0, self.machine_busy - self.server_cpu - self.client_cpu) / elapsed, 2),
+            "steal_cores": round(self.steal / elapsed, 2),
+        }
+
+
+def machine_cpu_seconds() -> tuple[float, float]:
+    """Busy CPU seconds of the whole machine (all processes), and time stolen by the hypervisor."""
+    times = psutil.cpu_times()
+    busy = times.user + times.nice + times.system + getattr(times, "irq", 0.0) + getattr(times, "softirq", 0.0)
+    return busy, getattr(times, "steal", 0.0)
+
+
+_METRIC_LINE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)$")
+
+
+async def scrape_metrics(client: httpx.AsyncClient) -> dict[str, float]:
+    """The server's /metrics as {"name{labels}": value}."""
+    response = await client.get("/metrics")
+    values: dict[str, float] = {}
+    for line in response.text.splitlines():
+        match = _METRIC_LINE.match(line)
+        if match:
+            values[match.group(1) + (match.group(2) or "")] = float(match.group(3))
+    return values
+
+
+def _requests_done(values: dict[str, float]) -> float:
+    return sum(
+        value
+        for key, value in values.items()
+        if key.startswith(("http_requests_total{", "agent_queries_total{")) and 'route="/metrics"' not in key
+    )
+
+
+async def settled_metrics(client: httpx.AsyncClient, limit_seconds: float = 30.0) -> dict[str, float]:
+    """/metrics once the server has finished what it was still working on.
+
+    wrk stops at its deadline with requests in flight; the server still answers them, and they
+    belong to this phase, not to the next one.
+    """
+    deadline = time.monotonic() + limit_seconds
+    values = await scrape_metrics(client)
+    while time.monotonic() < deadline:
+        await asyncio.sleep(0.3)
+        latest = await scrape_metrics(client)
+        if _requests_done(latest) == _requests_done(values):
+            return latest
+        values = latest
+    return values
+
+
+def metric_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
+    """What the server itself reports for a phase: cache look-ups, model calls and batch sizes."""
+
+    def delta(key: str) -> float:
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    def find(prefix: str) -> float:
+        return sum(after[key] - before.get(key, 0.0) for key in after if key.startswith(prefix))
+
+    calls = delta("embedding_batch_size_count")
+    texts = delta("embedding_batch_size_sum")
+    return {
+        "cache_memory_hits": int(delta('embedding_cache_requests_total{layer="memory",result="hit"}')),
+        "cache_memory_misses": int(delta('embedding_cache_requests_total{layer="memory",result="miss"}')),
+        "cache_disk_hits": int(delta('embedding_cache_requests_total{layer="disk",result="hit"}')),
+        "model_calls": int(calls),
+        "texts_embedded": int(texts),
+        "mean_batch_size": round(texts / calls, 2) if calls else None,
+        "model_busy_s": round(find("embedding_seconds_sum"), 3),
+        "agent_s": round(delta("agent_processing_seconds_sum"), 3),
+    }
+
+
+async def measured(
+    server: ProcessWatch, client: httpx.AsyncClient, body: Callable[[], Awaitable[dict[str, Any]]]
+) -> dict[str, Any]:
+    """Run `body` with resources sampled and the server's own metrics diffed around it."""
+    before = await scrape_metrics(client)
+    async with ResourceSampler(server) as sampler:
+        result = await body()
+    after = await settled_metrics(client)
+    return {**result, "resources": sampler.to_json(), "server_metrics": metric_delta(before, after)}

@@ -1,0 +1,696 @@
+"""The benchmark: `python -m bench.run` (or `make bench`); `--smoke` for a short CI run.
+
+Measures, in one run and against the real server (uvicorn via `python main.py` on 127.0.0.1):
+baselines A (GET /health), B and C (the embedder alone, in this process, one at a time and in
+batches of 32); POST /ask with unique and with repeated questions; SSE and WebSocket time to first
+word and to complete; many concurrent WebSocket connections; cold and warm start-up; server RSS.
+Prints a Markdown table and the ratios against the targets of issue 9 (met / not met, never
+asserted), and writes everything as JSON (default bench/results/latest.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import itertools
+import json
+import math
+import os
+import platform
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil  # type: ignore[import-untyped]
+
+from bench import loadgen
+from bench.loadgen import (
+    AskWorker,
+    HealthWorker,
+    QuestionPool,
+    SSEWorker,
+    WebSocketWorker,
+    closed_loop,
+    http_client,
+    machine_cpu_seconds,
+    many_websockets,
+    measured,
+    run_wrk,
+    wrk_path,
+)
+from bench.server import ROOT, BenchServer, ProcessWatch
+
+BENCH_DIR = Path(__file__).resolve().parent
+QUESTIONS_FILE = BENCH_DIR / "questions.txt"
+DEFAULT_OUTPUT = BENCH_DIR / "results" / "latest.json"
+# The dataset's embedding matrix from the last run (git-ignored), so --smoke and bench.profile can
+# start warm; never the question embeddings, which would turn "unique" questions into disk-cache hits.
+INDEX_STORE = BENCH_DIR / "results" / "index-cache"
+MB = 2**20
+
+# Every phase the JSON reports, with the one headline figure `figures` gives for it.
+PHASES: dict[str, str] = {
+    "baseline_a_health_c32": "requests/s",
+    "baseline_b_embedder_single": "questions/s",
+    "baseline_c_embedder_batch32": "questions/s",
+    "ask_unique_c1": "answers/s",
+    "ask_unique_c8": "answers/s",
+    "ask_unique_c32": "answers/s",
+    "ask_repeated_c32": "answers/s",
+    "sse_c1": "first word p50 ms",
+    "sse_c32": "first word p50 ms",
+    "ws_c1": "first word p50 ms",
+    "ws_c32": "first word p50 ms",
+    "ws_connections": "errors",
+    "startup_cold": "seconds",
+    "startup_warm": "seconds",
+    "rss_idle": "MB",
+    "rss_under_load": "MB",
+}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=float, help="seconds per load phase (default 10; smoke 1.5)")
+    parser.add_argument("--baseline-duration", type=float, help="seconds per embedder baseline (default 8)")
+    parser.add_argument("--ws-connections", type=int, help="concurrent WebSocket connections (default 1000)")
+    parser.add_argument("--max-requests", type=int, help="request budget per load phase (default 3000)")
+    parser.add_argument("--smoke", action="store_true", help="tiny phases for CI: about 40 s, no cold start")
+    parser.add_argument("--skip-cold-start", action="store_true", help="do not measure the cold start-up")
+    parser.add_argument(
+        "--http-tool",
+        choices=["auto", "wrk", "httpx"],
+        default="auto",
+        help="load generator for the plain-HTTP phases (baseline A, repeated /ask); auto = wrk when installed",
+    )
+    parser.add_argument(
+        "--server-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="extra environment for the server, to measure a setting (repeatable; recorded in the JSON)",
+    )
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="where to write the JSON")
+    parser.add_argument("--questions", type=Path, default=QUESTIONS_FILE, help="the unique-question file")
+    args = parser.parse_args(argv)
+    smoke = args.smoke
+    args.duration = args.duration if args.duration is not None else (1.5 if smoke else 10.0)
+    args.baseline_duration = args.baseline_duration if args.baseline_duration is not None else (1.0 if smoke else 8.0)
+    args.ws_connections = args.ws_connections if args.ws_connections is not None else (20 if smoke else 1000)
+    args.max_requests = args.max_requests if args.max_requests is not None else (300 if smoke else 3000)
+    args.skip_cold_start = args.skip_cold_start or smoke
+    try:
+        args.server_env = dict(item.split("=", 1) for item in args.server_env)
+    except ValueError:
+        parser.error("--server-env takes NAME=VALUE")
+    if args.http_tool == "auto":
+        args.http_tool = "wrk" if wrk_path() else "httpx"
+    elif args.http_tool == "wrk" and not wrk_path():
+        parser.error("--http-tool wrk: wrk is not installed (apt-get install wrk)")
+    return args
+
+
+# ------------------------------------------------------------------------------------------ machine
+
+
+def machine_info() -> dict[str, Any]:
+    cpu_model = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu_model": cpu_model,
+        "cpu_count": os.cpu_count(),
+        "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "load_average_at_start": [round(value, 2) for value in os.getloadavg()],
+    }
+
+
+# ---------------------------------------------------------------------------------- embedder alone
+
+
+def embedder_baselines(questions: list[str], duration: float) -> dict[str, dict[str, Any]]:
+    """Baselines B and C: the service's provider class, in this process, with nothing else running."""
+    sys.path.insert(0, str(ROOT))
+    from services.embeddings import LocalMiniLMProvider
+
+    provider = LocalMiniLMProvider()
+    for start in range(0, 96, 32):  # warm-up: first runs allocate and tune
+        provider.embed(questions[start : start + 32])
+    results = {
+        "baseline_b_embedder_single": _embed_for(provider, questions, 1, duration),
+        "baseline_c_embedder_batch32": _embed_for(provider, questions, 32, duration),
+    }
+    del provider  # release the session and its thread pool before the server starts
+    gc.collect()
+    return results
+
+
+def _embed_for(provider: Any, questions: list[str], batch: int, duration: float) -> dict[str, Any]:
+    """Embed `batch` questions per model call, back to back, for `duration` seconds."""
+    me = ProcessWatch(os.getpid(), include_children=False)
+    own_cpu, machine_cpu = me.cpu_seconds(), machine_cpu_seconds()[0]
+    done = 0
+    calls = 0
+    started = time.perf_counter()
+    deadline = started + duration
+    position = 0
+    while time.perf_counter() < deadline:
+        texts = [questions[(position + offset) % len(questions)] for offset in range(batch)]
+        position += batch
+        provider.embed(texts)
+        done += batch
+        calls += 1
+    elapsed = time.perf_counter() - started
+    own = me.cpu_seconds() - own_cpu
+    other = max(0.0, machine_cpu_seconds()[0] - machine_cpu - own)
+    return {
+        "batch_size": batch,
+        "elapsed_s": round(elapsed, 3),
+        "questions": done,
+        "model_calls": calls,
+        "questions_per_s": round(done / elapsed, 2),
+        "ms_per_call": round(1000 * elapsed / calls, 2),
+        "resources": {"own_cpu_cores": round(own / elapsed, 2), "other_cpu_cores": round(other / elapsed, 2)},
+    }
+
+
+# ------------------------------------------------------------------------------------ index matrix
+
+
+def seed_index(cache_dir: Path) -> bool:
+    """Copy a stored dataset matrix into `cache_dir`/index; the server uses it only if it matches."""
+    if not INDEX_STORE.is_dir() or not any(INDEX_STORE.glob("*.npy")):
+        return False
+    shutil.copytree(INDEX_STORE, cache_dir / "index", dirs_exist_ok=True)
+    return True
+
+
+def store_index(cache_dir: Path) -> None:
+    """Keep the matrix the server has just built or used for the next run (replacing older ones)."""
+    built = sorted((cache_dir / "index").glob("*.npy"))
+    if not built:
+        return
+    INDEX_STORE.mkdir(parents=True, exist_ok=True)
+    for old in INDEX_STORE.glob("*.npy"):
+        if old.name not in {path.name for path in built}:
+            old.unlink(missing_ok=True)
+    for path in built:
+        target = INDEX_STORE / path.name
+        if not target.exists():
+            partial = target.with_suffix(f".{os.getpid()}.tmp")
+            shutil.copy2(path, partial)
+            partial.replace(target)  # atomic: a concurrent run never reads half a file
+
+
+# ----------------------------------------------------------------------------------------- the run
+
+
+class Runner:
+    def __init__(self, args: argparse.Namespace, pool: QuestionPool, server: BenchServer) -> None:
+        self.args = args
+        self.pool = pool
+        self.server = server
+        self.watch = ProcessWatch(server.pid)
+        self.phases: dict[str, Any] = {}
+
+    def log(self, message: str) -> None:
+        print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+    async def loop_phase(
+        self, name: str, concurrency: int, make_worker: Callable[[], loadgen.Worker], client: httpx.AsyncClient
+    ) -> None:
+        self.log(f"{name}: concurrency {concurrency}, {self.args.duration:g} s")
+
+        async def body() -> dict[str, Any]:
+            outcome = await closed_loop(make_worker, concurrency, self.args.duration, self.args.max_requests)
+            return {"tool": "httpx" if "ws" not in name else "websockets", **outcome.to_json()}
+
+        self.phases[name] = await measured(self.watch, client, body)
+
+    async def run(self) -> None:
+        args = self.args
+        base = self.server.base_url
+        async with http_client(base, 64) as control:
+            # Warm-up: connection pools, the first LangGraph runs, numpy and onnxruntime allocations.
+            warm = http_client(base, 8)
+            async with warm:
+                await asyncio.gather(*(warm.get("/health") for _ in range(16)))
+                await asyncio.gather(*(warm.post("/ask", json={"question": q}) for q in self.pool.take_many(16)))
+            await asyncio.sleep(1.0)
+            self.phases["rss_idle"] = {
+                "rss_mb": round(self.watch.rss_bytes() / MB, 1),
+                "threads": self.watch.threads(),
+                "note": "after start-up and a 16-question warm-up, before any load phase",
+            }
+
+            # Baseline A: the framework floor.
+            self.log(f"baseline_a_health_c32: {args.http_tool}, {args.duration:g} s")
+            if args.http_tool == "wrk":
+
+                async def health_wrk() -> dict[str, Any]:
+                    return await run_wrk(f"{base}/health", 32, args.duration)
+
+                self.phases["baseline_a_health_c32"] = await measured(self.watch, control, health_wrk)
+            else:
+                async with http_client(base, 32) as client:
+                    await self.loop_phase("baseline_a_health_c32", 32, partial(HealthWorker, client), control)
+
+            # Unique questions: never sent before in this run, so never cached.
+            for concurrency in (1, 8, 32):
+                async with http_client(base, concurrency) as client:
+                    await self.loop_phase(
+                        f"ask_unique_c{concurrency}", concurrency, partial(AskWorker, client, self.pool.take), control
+                    )
+
+            # Repeated questions: 32 questions answered once, then asked over and over (cache hits).
+            repeated = self.pool.take_many(32)
+            for question in repeated:
+                await control.post("/ask", json={"question": question})
+            if args.http_tool == "wrk":
+                self.log(f"ask_repeated_c32: wrk, {args.duration:g} s")
+                bodies = [json.dumps({"question": question}) for question in repeated]
+
+                async def repeated_wrk() -> dict[str, Any]:
+                    return await run_wrk(f"{base}/ask", 32, args.duration, bodies)
+
+                self.phases["ask_repeated_c32"] = await measured(self.watch, control, repeated_wrk)
+            else:
+                cycle = itertools.cycle(repeated)
+                async with http_client(base, 32) as client:
+                    await self.loop_phase(
+                        "ask_repeated_c32", 32, partial(AskWorker, client, partial(next, cycle)), control
+                    )
+
+            # Streams: SSE over httpx, the chat protocol over websockets; unique questions.
+            for concurrency in (1, 32):
+                async with http_client(base, concurrency) as client:
+                    await self.loop_phase(
+                        f"sse_c{concurrency}", concurrency, partial(SSEWorker, client, self.pool.take), control
+                    )
+            ws_url = f"{self.server.ws_url}/ws/ask"
+            for concurrency in (1, 32):
+                await self.loop_phase(
+                    f"ws_c{concurrency}", concurrency, partial(WebSocketWorker, ws_url, self.pool.take), control
+                )
+
+            # Many connections at once, one unique question each.
+            count = args.ws_connections
+            self.log(f"ws_connections: {count} connections, one question each")
+            questions = self.pool.take_many(count)
+            limit = max(120.0, 10 * args.duration)
+
+            async def many() -> dict[str, Any]:
+                return {
+                    "tool": "websockets",
+                    **await many_websockets(f"{self.server.ws_url}/ws/ask", questions, limit),
+                }
+
+            self.phases["ws_connections"] = await measured(self.watch, control, many)
+
+            await asyncio.sleep(2.0)
+            self.phases["rss_idle_after_load"] = {"rss_mb": round(self.watch.rss_bytes() / MB, 1)}
+
+
+def _new_loop_runner() -> Callable[[Any], Any]:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run
+    return uvloop.run
+
+
+# ------------------------------------------------------------------------------- figures and targets
+
+
+def _get(data: dict[str, Any], *path: str) -> Any:
+    for key in path:
+        if not isinstance(data, dict) or key not in data:
+            return None
+        data = data[key]
+    return data
+
+
+def headline_figures(phases: dict[str, Any]) -> dict[str, float | None]:
+    figures: dict[str, float | None] = {}
+    for name in PHASES:
+        phase = phases.get(name)
+        if phase is None:
+            figures[name] = None
+        elif name.startswith("baseline_b") or name.startswith("baseline_c"):
+            figures[name] = phase["questions_per_s"]
+        elif name == "ws_connections":
+            figures[name] = phase["errors"]
+        elif name.startswith(("sse_", "ws_c")):
+            figures[name] = _get(phase, "latency_ms", "first_word", "p50")
+        elif name.startswith("startup"):
+            figures[name] = phase["seconds"]
+        elif name == "rss_idle":
+            figures[name] = phase["rss_mb"]
+        elif name == "rss_under_load":
+            figures[name] = phase["peak_rss_mb"]
+        else:
+            figures[name] = phase["throughput_per_s"]
+    return figures
+
+
+def _ratio(numerator: Any, denominator: Any) -> float | None:
+    if numerator is None or denominator is None or not denominator:
+        return None
+    return round(float(numerator) / float(denominator), 3)
+
+
+def evaluate_targets(phases: dict[str, Any]) -> list[dict[str, Any]]:
+    """The targets of issue 9, each measured in this run: met, not met, or not measured."""
+
+    def throughput(name: str) -> Any:
+        return _get(phases, name, "throughput_per_s")
+
+    def latency(name: str, kind: str, percentile: str) -> Any:
+        return _get(phases, name, "latency_ms", kind, percentile)
+
+    rows: list[tuple[str, float | None, str, float, str]] = [
+        (
+            "unique /ask c32 ÷ baseline C (embedder alone, batches of 32)",
+            _ratio(throughput("ask_unique_c32"), _get(phases, "baseline_c_embedder_batch32", "questions_per_s")),
+            "≥ 0.7",
+            0.7,
+            ">=",
+        ),
+        (
+            "unique /ask c32 ÷ baseline B (embedder alone, one at a time)",
+            _ratio(throughput("ask_unique_c32"), _get(phases, "baseline_b_embedder_single", "questions_per_s")),
+            "> 1 (well above)",
+            1.0,
+            ">",
+        ),
+        (
+            "unique /ask throughput c32 ÷ c1",
+            _ratio(throughput("ask_unique_c32"), throughput("ask_unique_c1")),
+            "> 1",
+            1.0,
+            ">",
+        ),
+        (
+            "repeated /ask c32 ÷ baseline A (/health c32)",
+            _ratio(throughput("ask_repeated_c32"), throughput("baseline_a_health_c32")),
+            "≥ 0.5",
+            0.5,
+            ">=",
+        ),
+        (
+            "unique /ask c32: p99 ÷ p50",
+            _ratio(latency("ask_unique_c32", "latency", "p99"), latency("ask_unique_c32", "latency", "p50")),
+            "≤ 3",
+            3.0,
+            "<=",
+        ),
+        (
+            "repeated /ask c32: p99 ÷ p50",
+            _ratio(latency("ask_repeated_c32", "latency", "p99"), latency("ask_repeated_c32", "latency", "p50")),
+            "≤ 3",
+            3.0,
+            "<=",
+        ),
+    ]
+    for transport in ("sse", "ws"):
+        for concurrency in (1, 32):
+            rows.append(
+                (
+                    f"{transport.upper() if transport == 'sse' else 'WebSocket'} c{concurrency}: "
+                    f"first word p50 ÷ /ask p50 (unique, c{concurrency})",
+                    _ratio(
+                        latency(f"{transport}_c{concurrency}", "first_word", "p50"),
+                        latency(f"ask_unique_c{concurrency}", "latency", "p50"),
+                    ),
+                    "≤ 1.5",
+                    1.5,
+                    "<=",
+                )
+            )
+    connections = _get(phases, "ws_connections", "connections")
+    rows += [
+        (
+            f"WebSocket errors, {connections} concurrent connections",
+            _get(phases, "ws_connections", "errors"),
+            "= 0",
+            0.0,
+            "==",
+        ),
+        ("warm start-up to ready (s)", _get(phases, "startup_warm", "seconds"), "≤ 3 s", 3.0, "<="),
+        ("idle server RSS (MB)", _get(phases, "rss_idle", "rss_mb"), "≤ 400 MB", 400.0, "<="),
+    ]
+    compare = {
+        ">=": lambda value, bound: value >= bound,
+        ">": lambda value, bound: value > bound,
+        "<=": lambda value, bound: value <= bound,
+        "==": lambda value, bound: value == bound,
+    }
+    targets = []
+    for name, value, text, bound, operator in rows:
+        met = None if value is None else bool(compare[operator](value, bound))
+        targets.append({"target": name, "measured": value, "goal": text, "met": met})
+    return targets
+
+
+# ------------------------------------------------------------------------------------------- table
+
+
+def _fmt(value: Any, digits: int = 1) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "–"
+        return f"{value:,.{digits}f}"
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def render_table(results: dict[str, Any]) -> str:
+    phases = results["phases"]
+    lines = [
+        "| phase | tool | conc. | throughput /s | p50 ms | p95 ms | p99 ms | errors | server CPU | other CPU "
+        "| mean batch |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+
+    def row(label: str, name: str, kind: str = "latency") -> None:
+        phase = phases.get(name)
+        if phase is None:
+            return
+        latency = _get(phase, "latency_ms", kind) or {}
+        metrics = phase.get("server_metrics", {})
+        lines.append(
+            f"| {label} | {phase.get('tool', '')} | {phase.get('concurrency', '')} "
+            f"| {_fmt(phase.get('throughput_per_s'))} | {_fmt(latency.get('p50'))} | {_fmt(latency.get('p95'))} "
+            f"| {_fmt(latency.get('p99'))} | {_fmt(phase.get('errors'))} "
+            f"| {_fmt(_get(phase, 'resources', 'server_cpu_cores'), 2)} "
+            f"| {_fmt(_get(phase, 'resources', 'other_cpu_cores'), 2)} "
+            f"| {_fmt(metrics.get('mean_batch_size'))} |"
+        )
+
+    row("A: GET /health", "baseline_a_health_c32")
+    for name, label in (
+        ("baseline_b_embedder_single", "B: embedder alone, 1 at a time"),
+        ("baseline_c_embedder_batch32", "C: embedder alone, batches of 32"),
+    ):
+        phase = phases.get(name)
+        if phase:
+            lines.append(
+                f"| {label} | in-process | – | {_fmt(phase['questions_per_s'])} | {_fmt(phase['ms_per_call'])} "
+                f"(per call) | – | – | – | {_fmt(_get(phase, 'resources', 'own_cpu_cores'), 2)} "
+                f"| {_fmt(_get(phase, 'resources', 'other_cpu_cores'), 2)} | {phase['batch_size']} |"
+            )
+    for concurrency in (1, 8, 32):
+        row(f"POST /ask unique, c{concurrency}", f"ask_unique_c{concurrency}")
+    row("POST /ask repeated (cache hits), c32", "ask_repeated_c32")
+    for transport, label in (("sse", "SSE /ask-stream"), ("ws", "WebSocket /ws/ask")):
+        for concurrency in (1, 32):
+            row(f"{label} c{concurrency}: first word", f"{transport}_c{concurrency}", "first_word")
+            row(f"{label} c{concurrency}: complete", f"{transport}_c{concurrency}", "complete")
+    table = "\n".join(lines)
+
+    many = phases.get("ws_connections")
+    extra = ["", "| other measurement | value |", "|---|---|"]
+    if many:
+        extra += [
+            f"| {many['connections']} concurrent WebSockets, one question each: errors | {many['errors']} |",
+            f"| … answered / peak open connections | {many['answered']} / {many['peak_open_connections']} |",
+            f"| … total time (connect all, ask, all answered) | {_fmt(many['total_s'], 2)} s |",
+            f"| … connect p50 / p99 | {_fmt(_get(many, 'latency_ms', 'connect', 'p50'))} / "
+            f"{_fmt(_get(many, 'latency_ms', 'connect', 'p99'))} ms |",
+            f"| … first word p50 / p99 | {_fmt(_get(many, 'latency_ms', 'first_word', 'p50'))} / "
+            f"{_fmt(_get(many, 'latency_ms', 'first_word', 'p99'))} ms |",
+            f"| … complete p50 / p99 | {_fmt(_get(many, 'latency_ms', 'complete', 'p50'))} / "
+            f"{_fmt(_get(many, 'latency_ms', 'complete', 'p99'))} ms |",
+            f"| … peak server RSS | {_fmt(_get(many, 'resources', 'server_rss_peak_mb'))} MB |",
+        ]
+    cold = phases.get("startup_cold")
+    cold_text = f"{cold['seconds']:.2f} s" if cold else "skipped"
+    extra.append(f"| start-up to ready, cold (empty cache dir) | {cold_text} |")
+    warm = phases.get("startup_warm")
+    if warm:
+        runs = ", ".join(f"{value:.2f}" for value in warm["runs"])
+        extra.append(f"| start-up to ready, warm (same cache dir, restart) | {warm['seconds']:.2f} s (runs: {runs}) |")
+    if "rss_idle" in phases:
+        extra.append(f"| server RSS idle (after start-up) | {_fmt(phases['rss_idle']['rss_mb'])} MB |")
+    if "rss_under_load" in phases:
+        load = phases["rss_under_load"]
+        extra.append(f"| server RSS under load (peak, phase {load['phase']}) | {_fmt(load['peak_rss_mb'])} MB |")
+    if "rss_idle_after_load" in phases:
+        extra.append(f"| server RSS idle after the load phases | {_fmt(phases['rss_idle_after_load']['rss_mb'])} MB |")
+    return table + "\n" + "\n".join(extra)
+
+
+def render_targets(targets: list[dict[str, Any]]) -> str:
+    lines = ["| target | measured | goal | result |", "|---|---:|---|---|"]
+    for target in targets:
+        result = {True: "met", False: "**not met**", None: "not measured"}[target["met"]]
+        lines.append(f"| {target['target']} | {_fmt(target['measured'], 3)} | {target['goal']} | {result} |")
+    return "\n".join(lines)
+
+
+# -------------------------------------------------------------------------------------------- main
+
+
+def _exit_on_sigterm(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)  # run the `finally` blocks: stop the server, remove the temp dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    started = time.perf_counter()
+    questions = [line.strip() for line in args.questions.read_text(encoding="utf-8").splitlines() if line.strip()]
+    pool = QuestionPool(questions)
+    results: dict[str, Any] = {
+        "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": "python -m bench.run " + " ".join(sys.argv[1:] if argv is None else argv),
+        "machine": machine_info(),
+        "settings": {
+            "smoke": args.smoke,
+            "duration_s": args.duration,
+            "baseline_duration_s": args.baseline_duration,
+            "ws_connections": args.ws_connections,
+            "max_requests_per_phase": args.max_requests,
+            "http_tool_plain_http": args.http_tool,
+            "server_env": {**loadgen_env(), **args.server_env},
+        },
+        "phases": {},
+        "skipped": [],
+    }
+    phases: dict[str, Any] = results["phases"]
+
+    def log(message: str) -> None:
+        print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+    log(f"baselines B and C: the embedder alone in-process, {args.baseline_duration:g} s each")
+    phases.update(embedder_baselines(questions, args.baseline_duration))
+
+    work = Path(tempfile.mkdtemp(prefix="defi-bench-"))
+    cache_dir = work / "cache"
+    cache_dir.mkdir()
+    log_path = work / "server.log"
+    server: BenchServer | None = None
+    try:
+        if args.skip_cold_start:
+            results["skipped"].append("startup_cold")
+            seeded = seed_index(cache_dir)
+            server = BenchServer(cache_dir, log_path, args.server_env)
+            first = server.start()
+            log(f"first start-up ({'index seeded from the last run' if seeded else 'cold'}): {first:.2f} s")
+            store_index(cache_dir)
+            server.stop()
+        else:
+            server = BenchServer(cache_dir, log_path, args.server_env)
+            cold = server.start()
+            phases["startup_cold"] = {"seconds": round(cold, 3), "note": "empty cache dir: embeds the dataset"}
+            log(f"cold start-up: {cold:.2f} s")
+            store_index(cache_dir)
+            server.stop()
+        warm_runs = []
+        for attempt in range(1 if args.smoke else 2):
+            if attempt:
+                server.stop()
+            server = BenchServer(cache_dir, log_path, args.server_env)
+            warm_runs.append(server.start())
+            log(f"warm start-up: {warm_runs[-1]:.2f} s")
+        phases["startup_warm"] = {"seconds": round(max(warm_runs), 3), "runs": [round(v, 3) for v in warm_runs]}
+
+        runner = Runner(args, pool, server)
+        _new_loop_runner()(runner.run())
+        phases.update(runner.phases)
+    finally:
+        if server is not None:
+            server.stop()
+        results["server_log_tail"] = server.log_tail(2000) if server is not None else ""
+        shutil.rmtree(work, ignore_errors=True)
+
+    load_phases = [name for name, phase in phases.items() if "server_rss_peak_mb" in phase.get("resources", {})]
+    if load_phases:
+        peak_name = max(load_phases, key=lambda name: phases[name]["resources"]["server_rss_peak_mb"])
+        phases["rss_under_load"] = {
+            "peak_rss_mb": phases[peak_name]["resources"]["server_rss_peak_mb"],
+            "phase": peak_name,
+            "per_phase_peak_mb": {name: phases[name]["resources"]["server_rss_peak_mb"] for name in load_phases},
+        }
+    results["questions"] = {
+        "file": str(args.questions.relative_to(ROOT)) if args.questions.is_relative_to(ROOT) else str(args.questions),
+        "pool_size": len(pool),
+        "used": pool.used,
+        "wraps": pool.wraps,
+    }
+    unique = [name for name in phases if name.startswith(("ask_unique_", "sse_", "ws_c"))]
+    results["checks"] = {
+        "unique_question_phases": unique,
+        "cache_hits_in_unique_phases": sum(
+            _get(phases[name], "server_metrics", "cache_memory_hits") or 0 for name in unique
+        )
+        + sum(_get(phases[name], "server_metrics", "cache_disk_hits") or 0 for name in unique),
+    }
+    results["figures"] = headline_figures(phases)
+    results["figure_units"] = PHASES
+    results["targets"] = evaluate_targets(phases)
+    results["machine"]["load_average_at_end"] = [round(value, 2) for value in os.getloadavg()]
+    results["total_seconds"] = round(time.perf_counter() - started, 1)
+
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    table, targets = render_table(results), render_targets(results["targets"])
+    args.output.with_suffix(".md").write_text(table + "\n\n" + targets + "\n", encoding="utf-8")
+    print()
+    print(table)
+    print()
+    print(targets)
+    print()
+    print(
+        f"unique-question phases: {results['checks']['cache_hits_in_unique_phases']} embedding-cache hits "
+        f"(server's /metrics); {pool.used} questions used of {len(pool)} (wrapped {pool.wraps}×); "
+        f"total {results['total_seconds']} s; JSON: {args.output}"
+    )
+    return 0
+
+
+def loadgen_env() -> dict[str, str]:
+    from bench.server import BENCH_ENV
+
+    return dict(BENCH_ENV)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,57 @@
+"""The benchmark's smoke run: it runs end to end and reports a figure for every phase (never a speed)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+PHASES = [
+    "baseline_a_health_c32",
+    "baseline_b_embedder_single",
+    "baseline_c_embedder_batch32",
+    "ask_unique_c1",
+    "ask_unique_c8",
+    "ask_unique_c32",
+    "ask_repeated_c32",
+    "sse_c1",
+    "sse_c32",
+    "ws_c1",
+    "ws_c32",
+    "ws_connections",
+    "startup_cold",
+    "startup_warm",
+    "rss_idle",
+    "rss_under_load",
+]
+
+
+@pytest.mark.slow
+def test_benchmark_smoke_run_reports_every_phase(tmp_path: Path) -> None:
+    output = tmp_path / "smoke.json"
+    completed = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--smoke", "--output", str(output)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    results = json.loads(output.read_text())
+    figures = results["figures"]
+    skipped = set(results["skipped"])
+    assert skipped <= {"startup_cold"}, skipped
+    missing = [
+        phase
+        for phase in PHASES
+        if phase not in skipped and not (isinstance(figures.get(phase), int | float) and math.isfinite(figures[phase]))
+    ]
+    assert not missing, f"no figure for {missing}: {figures}"
+    assert {target["target"] for target in results["targets"]}, "no target ratios reported"
