@@ -3,6 +3,9 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 RUNTIME_STAMP := $(VENV)/.runtime-installed
+# numpy's OpenBLAS would split each small matrix-vector product over every core and wait for the
+# threads; one thread is ~8x faster for retrieval here (docs/performance.md).
+export OPENBLAS_NUM_THREADS ?= 1
 DEV_STAMP := $(VENV)/.dev-installed
 
 .PHONY: install install-dev system-deps run test lint format eval bench clean

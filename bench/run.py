@@ -87,6 +87,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true", help="tiny phases for CI: about 40 s, no cold start")
     parser.add_argument("--skip-cold-start", action="store_true", help="do not measure the cold start-up")
     parser.add_argument(
+        "--index-from",
+        type=Path,
+        metavar="CACHE_DIR",
+        help="with --skip-cold-start/--smoke: start from the dataset index in this cache dir (read only)",
+    )
+    parser.add_argument(
         "--http-tool",
         choices=["auto", "wrk", "httpx"],
         default="auto",
@@ -101,6 +107,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="where to write the JSON")
     parser.add_argument("--questions", type=Path, default=QUESTIONS_FILE, help="the unique-question file")
+    parser.add_argument("--render", type=Path, metavar="JSON", help="only print the tables of an earlier run's JSON")
     args = parser.parse_args(argv)
     smoke = args.smoke
     args.duration = args.duration if args.duration is not None else (1.5 if smoke else 10.0)
@@ -193,27 +200,39 @@ def _embed_for(provider: Any, questions: list[str], batch: int, duration: float)
 # ------------------------------------------------------------------------------------ index matrix
 
 
-def seed_index(cache_dir: Path) -> bool:
-    """Copy a stored dataset matrix into `cache_dir`/index; the server uses it only if it matches."""
-    if not INDEX_STORE.is_dir() or not any(INDEX_STORE.glob("*.npy")):
+def _index_files(directory: Path) -> list[Path]:
+    return sorted(path for path in directory.glob("*") if path.is_file() and path.suffix != ".tmp")
+
+
+def seed_index(cache_dir: Path, source: Path | None = None) -> bool:
+    """Copy stored dataset index files into `cache_dir`/index; the server uses one only if it matches.
+
+    `source` is another cache directory (its `index/` is read, never written), else the last run's store.
+    """
+    origin = source / "index" if source is not None else INDEX_STORE
+    files = _index_files(origin) if origin.is_dir() else []
+    if not files:
         return False
-    shutil.copytree(INDEX_STORE, cache_dir / "index", dirs_exist_ok=True)
+    (cache_dir / "index").mkdir(parents=True, exist_ok=True)
+    for path in files:
+        shutil.copy2(path, cache_dir / "index" / path.name)
     return True
 
 
 def store_index(cache_dir: Path) -> None:
-    """Keep the matrix the server has just built or used for the next run (replacing older ones)."""
-    built = sorted((cache_dir / "index").glob("*.npy"))
+    """Keep the index files the server has just built or used for the next run (replacing older ones)."""
+    built = _index_files(cache_dir / "index") if (cache_dir / "index").is_dir() else []
     if not built:
         return
     INDEX_STORE.mkdir(parents=True, exist_ok=True)
-    for old in INDEX_STORE.glob("*.npy"):
-        if old.name not in {path.name for path in built}:
+    names = {path.name for path in built}
+    for old in _index_files(INDEX_STORE):
+        if old.name not in names:
             old.unlink(missing_ok=True)
     for path in built:
         target = INDEX_STORE / path.name
         if not target.exists():
-            partial = target.with_suffix(f".{os.getpid()}.tmp")
+            partial = target.with_name(f"{target.name}.{os.getpid()}.tmp")
             shutil.copy2(path, partial)
             partial.replace(target)  # atomic: a concurrent run never reads half a file
 
@@ -484,9 +503,9 @@ def _fmt(value: Any, digits: int = 1) -> str:
 def render_table(results: dict[str, Any]) -> str:
     phases = results["phases"]
     lines = [
-        "| phase | tool | conc. | throughput /s | p50 ms | p95 ms | p99 ms | errors | server CPU | other CPU "
-        "| mean batch |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| phase | tool | conc. | throughput /s | p50 ms | p95 ms | p99 ms | errors | server CPU (cores) "
+        "| CPU ms / answer | other CPU (cores) | mean batch |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
 
     def row(label: str, name: str, kind: str = "latency") -> None:
@@ -500,6 +519,7 @@ def render_table(results: dict[str, Any]) -> str:
             f"| {_fmt(phase.get('throughput_per_s'))} | {_fmt(latency.get('p50'))} | {_fmt(latency.get('p95'))} "
             f"| {_fmt(latency.get('p99'))} | {_fmt(phase.get('errors'))} "
             f"| {_fmt(_get(phase, 'resources', 'server_cpu_cores'), 2)} "
+            f"| {_fmt(_get(phase, 'resources', 'server_cpu_ms_per_answer'))} "
             f"| {_fmt(_get(phase, 'resources', 'other_cpu_cores'), 2)} "
             f"| {_fmt(metrics.get('mean_batch_size'))} |"
         )
@@ -513,7 +533,7 @@ def render_table(results: dict[str, Any]) -> str:
         if phase:
             lines.append(
                 f"| {label} | in-process | – | {_fmt(phase['questions_per_s'])} | {_fmt(phase['ms_per_call'])} "
-                f"(per call) | – | – | – | {_fmt(_get(phase, 'resources', 'own_cpu_cores'), 2)} "
+                f"(per call) | – | – | – | {_fmt(_get(phase, 'resources', 'own_cpu_cores'), 2)} | – "
                 f"| {_fmt(_get(phase, 'resources', 'other_cpu_cores'), 2)} | {phase['batch_size']} |"
             )
     for concurrency in (1, 8, 32):
@@ -561,7 +581,9 @@ def render_targets(targets: list[dict[str, Any]]) -> str:
     lines = ["| target | measured | goal | result |", "|---|---:|---|---|"]
     for target in targets:
         result = {True: "met", False: "**not met**", None: "not measured"}[target["met"]]
-        lines.append(f"| {target['target']} | {_fmt(target['measured'], 3)} | {target['goal']} | {result} |")
+        value = target["measured"]
+        digits = 2 if isinstance(value, float) and abs(value) < 10 else 1
+        lines.append(f"| {target['target']} | {_fmt(value, digits)} | {target['goal']} | {result} |")
     return "\n".join(lines)
 
 
@@ -574,6 +596,10 @@ def _exit_on_sigterm(signum: int, _frame: object) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.render is not None:
+        earlier = json.loads(args.render.read_text(encoding="utf-8"))
+        print(render_table(earlier) + "\n\n" + render_targets(earlier["targets"]))
+        return 0
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     started = time.perf_counter()
     questions = [line.strip() for line in args.questions.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -610,10 +636,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.skip_cold_start:
             results["skipped"].append("startup_cold")
-            seeded = seed_index(cache_dir)
+            seeded = seed_index(cache_dir, args.index_from) or seed_index(cache_dir)
             server = BenchServer(cache_dir, log_path, args.server_env)
             first = server.start()
-            log(f"first start-up ({'index seeded from the last run' if seeded else 'cold'}): {first:.2f} s")
+            log(f"first start-up ({'index seeded' if seeded else 'cold'}): {first:.2f} s")
             store_index(cache_dir)
             server.stop()
         else:
@@ -655,6 +681,11 @@ def main(argv: list[str] | None = None) -> int:
         "used": pool.used,
         "wraps": pool.wraps,
     }
+    for phase in phases.values():
+        resources = phase.get("resources", {})
+        throughput = phase.get("throughput_per_s")
+        if "server_cpu_cores" in resources and throughput:
+            resources["server_cpu_ms_per_answer"] = round(1000 * resources["server_cpu_cores"] / throughput, 2)
     unique = [name for name in phases if name.startswith(("ask_unique_", "sse_", "ws_c"))]
     results["checks"] = {
         "unique_question_phases": unique,

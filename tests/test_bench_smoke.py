@@ -1,4 +1,8 @@
-"""The benchmark's smoke run: it runs end to end and reports a figure for every phase (never a speed)."""
+"""The benchmark's smoke run: it runs end to end and reports a figure for every phase (never a speed).
+
+It reuses the dataset index the session's test server has built (`--index-from`, read only), so the
+smoke run starts warm instead of embedding the whole dataset again.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import ServerProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,10 +39,20 @@ PHASES = [
 
 
 @pytest.mark.slow
-def test_benchmark_smoke_run_reports_every_phase(tmp_path: Path) -> None:
+def test_benchmark_smoke_run_reports_every_phase(tmp_path: Path, server: ServerProcess, shared_cache_dir: Path) -> None:
+    # `server` is requested for its side effect: the shared cache dir then holds the dataset index.
     output = tmp_path / "smoke.json"
     completed = subprocess.run(
-        [sys.executable, "-m", "bench.run", "--smoke", "--output", str(output)],
+        [
+            sys.executable,
+            "-m",
+            "bench.run",
+            "--smoke",
+            "--index-from",
+            str(shared_cache_dir),
+            "--output",
+            str(output),
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,
