@@ -33,6 +33,9 @@ FRAMES_PER_FUZZER = 300  # below MAX_MESSAGES_PER_MINUTE: these connections must
 FUZZERS_PER_KIND = 3
 FLOOD_FRAMES = MAX_MESSAGES_PER_MINUTE + 100
 FUZZ_SECONDS_LIMIT = 25.0
+# The well-behaved asker paces itself so that even with instant (cached) answers it stays far under
+# MAX_MESSAGES_PER_MINUTE: at most 60 / ASKER_PAUSE_SECONDS = 240 questions a minute.
+ASKER_PAUSE_SECONDS = 0.25
 POLICY_VIOLATION, MESSAGE_TOO_BIG, INVALID_DATA = 1008, 1009, 1007
 ONE_MIB = 1024 * 1024
 SERVER_TYPES = {"status", "metadata", "word", "complete", "error", "pong", "heartbeat"}
@@ -297,6 +300,7 @@ async def asker(server: ServerProcess, stop: asyncio.Event, answers: list[Event]
             ):
                 failures.append(f"{question!r}: {events[0]!r} ... {events[-1]!r}")
             answers.append(complete)
+            await asyncio.sleep(ASKER_PAUSE_SECONDS)
 
 
 async def gauge(server: ServerProcess, name: str) -> float:
