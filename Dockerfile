@@ -23,10 +23,11 @@ RUN pip install -r requirements.txt \
 
 COPY . .
 
-RUN useradd --create-home --uid 10001 app \
+RUN groupadd --gid 10001 app \
+    && useradd --create-home --uid 10001 --gid 10001 app \
     && mkdir -p /app/cache \
-    && chown -R app:app /app/cache
-USER app
+    && chown -R 10001:10001 /app/cache
+USER 10001:10001
 
 EXPOSE 8000
 

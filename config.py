@@ -46,6 +46,7 @@ class Settings(BaseSettings):
     rate_limit_requests_per_minute: int = Field(default=200, gt=0)
     rate_limit_window_seconds: int = Field(default=60, gt=0)
     rate_limit_storage_uri: str = "memory://"
+    redis_url: str | None = None
     trusted_proxies: Annotated[list[str], NoDecode] = Field(default_factory=list)
     max_body_bytes: int = Field(default=16_384, ge=1024)
     secret_key: SecretStr | None = None
@@ -76,6 +77,12 @@ class Settings(BaseSettings):
     openai_embedding_model: str = "text-embedding-3-small"
     openai_timeout_seconds: float = Field(default=20.0, gt=0)
     openai_max_retries: int = Field(default=2, ge=0, le=10)
+
+    # Answers: extractive (the best entry's answer) or generative (a chat model writes it from the top entries)
+    answer_mode: Literal["extractive", "generative"] = "extractive"
+    openai_chat_model: str = "gpt-4o-mini"
+    answer_context_entries: int = Field(default=3, ge=1, le=10)
+    answer_max_tokens: int = Field(default=400, ge=16, le=4096)
 
     # Sessions
     session_ttl_seconds: int = Field(default=1800, gt=0)
@@ -115,7 +122,16 @@ class Settings(BaseSettings):
             raise ValueError("must be a limits storage URI such as memory:// or redis://host:6379")
         return value
 
-    @field_validator("secret_key", "admin_token", "metrics_token", "openai_api_key", "openai_base_url", mode="before")
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^rediss?://", value):
+            raise ValueError("must be a redis:// or rediss:// URL such as redis://host:6379/0 (empty: no Redis)")
+        return value
+
+    @field_validator(
+        "secret_key", "admin_token", "metrics_token", "openai_api_key", "openai_base_url", "redis_url", mode="before"
+    )
     @classmethod
     def _empty_means_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
@@ -136,6 +152,10 @@ class Settings(BaseSettings):
                 raise ValueError("ALLOWED_ORIGINS must not contain '*' when ENVIRONMENT=production")
         if self.embedding_provider == "openai" and self.openai_api_key is None:
             raise ValueError("OPENAI_API_KEY must be set when EMBEDDING_PROVIDER=openai")
+        if self.answer_mode == "generative" and self.openai_api_key is None:
+            raise ValueError("OPENAI_API_KEY must be set when ANSWER_MODE=generative")
+        if self.redis_url is not None and "rate_limit_storage_uri" not in self.model_fields_set:
+            self.rate_limit_storage_uri = self.redis_url  # one Redis for everything unless told otherwise
         return self
 
     @property

@@ -14,19 +14,21 @@ from asgi_correlation_id import CorrelationIdMiddleware
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from agents.factory import build_agent
+from agents.factory import build_agent, check_remote_providers
 from api.monitoring import Monitoring, warn_if_operator_endpoints_open
 from api.routes import ask, health, operations, stream, ui, websocket
 from config import APP_VERSION, Settings, get_settings
 from infrastructure.logging import configure_logging
 from infrastructure.metrics import mark_process_dead, multiprocess_metrics, set_build_info
 from infrastructure.rate_limit import QuestionRateLimiter, parse_networks
-from infrastructure.system import SystemSampler
+from infrastructure.redis_client import create_redis
+from infrastructure.system import SystemSampler, limit_blas_threads, release_freed_memory
 from middleware.body_limit import BodySizeLimitMiddleware
 from middleware.errors import install_error_handlers
 from middleware.request_context import RequestContextMiddleware
 from middleware.security_headers import SecurityHeadersMiddleware
 from services.knowledge_base import DatasetError, load_knowledge_base
+from services.openai_compat import ProviderCheckError
 
 logger = structlog.get_logger(__name__)
 
@@ -36,7 +38,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Build the agent once (off the loop), run background tasks, release everything at shutdown."""
     settings: Settings = app.state.settings
     monitoring: Monitoring = app.state.monitoring
-    agent = await asyncio.to_thread(build_agent, settings, app.state.knowledge_base)
+    redis = create_redis(settings.redis_url) if settings.redis_url else None  # connects lazily, never blocks here
+    app.state.redis = redis
+    limit_blas_threads()
+    agent = await asyncio.to_thread(build_agent, settings, app.state.knowledge_base, redis)
+    await asyncio.to_thread(release_freed_memory)
     await agent.embeddings.start()
     agent.on_outcome = monitoring.outcomes.record
     app.state.agent = agent
@@ -56,6 +62,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             with suppress(asyncio.CancelledError):
                 await task
         await agent.embeddings.close()
+        if redis is not None:
+            await redis.aclose()
         mark_process_dead()
 
 
@@ -80,6 +88,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         debug=settings.debug,
     )
     app.state.settings = settings
+    app.state.redis = None  # the shared Redis pool, created by the lifespan when REDIS_URL is set
     app.state.rate_limiter = QuestionRateLimiter(
         settings.rate_limit_requests_per_minute, settings.rate_limit_window_seconds, settings.rate_limit_storage_uri
     )
@@ -88,6 +97,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     try:
         app.state.knowledge_base = load_knowledge_base(settings.dataset_path)
     except DatasetError as error:
+        print(f"Start-up failed: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    try:
+        check_remote_providers(settings)
+    except ProviderCheckError as error:
         print(f"Start-up failed: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     install_error_handlers(app)

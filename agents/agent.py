@@ -16,8 +16,9 @@ from agents.validation import clean_question
 from infrastructure.logging import truncate_for_log
 from infrastructure.metrics import AGENT_CONFIDENCE, AGENT_PROCESSING, AGENT_QUERIES
 from services.embeddings import EmbeddingError, EmbeddingService
+from services.generation import AnswerGenerator
 from services.retrieval import Retriever
-from services.sessions import Session, SessionStore, Turn
+from services.sessions import Session, SessionStore, SessionStoreUnavailableError, Turn
 
 logger = structlog.get_logger(__name__)
 
@@ -48,13 +49,19 @@ class DeFiAgent:
     """Answers DeFi questions from the knowledge base; session-aware."""
 
     def __init__(
-        self, embeddings: EmbeddingService, retriever: Retriever, sessions: SessionStore, settings: AgentSettings
+        self,
+        embeddings: EmbeddingService,
+        retriever: Retriever,
+        sessions: SessionStore,
+        settings: AgentSettings,
+        generator: AnswerGenerator | None = None,
     ) -> None:
         self.embeddings = embeddings
         self.retriever = retriever
         self.sessions = sessions
         self.settings = settings
-        self._graph = build_graph(embeddings, retriever, settings)
+        self.generator = generator
+        self._graph = build_graph(embeddings, retriever, settings, generator)
         self.on_outcome: OutcomeListener | None = None
 
     def clean_question(self, raw: object) -> str:
@@ -65,7 +72,7 @@ class DeFiAgent:
         """Answer one question; inside `session` the previous turn gives follow-ups their context."""
         async with self._session_lock(session):
             state = await self._run(self._input(question, session, streaming=False))
-            return self._finish(question, state, session)
+            return await self._finish(question, state, session)
 
     async def stream(self, question: str, session: Session | None = None) -> AsyncIterator[dict[str, Any]]:
         """Yield `metadata`, `word`... and `complete` events; an `error` event ends a failed stream.
@@ -91,13 +98,21 @@ class DeFiAgent:
             return
         AGENT_PROCESSING.observe(time.perf_counter() - started)
         assert final is not None
-        result = self._finish(question, final, session)
-        yield {
+        try:
+            result = await self._finish(question, final, session)
+        except SessionStoreUnavailableError as error:  # the answer went out but the turn could not be saved
+            message = str(error)
+            yield {"type": "error", "message": message, "error": message, "code": "session_store_unavailable"}
+            return
+        complete: dict[str, Any] = {
             "type": "complete",
             "final_confidence": result.confidence,
             "processing_stage": result.processing_stage,
             "total_words": len(result.answer.split()),
         }
+        if result.error is not None:  # e.g. a generative answer that fell back to the extractive one
+            complete["error"] = result.error
+        yield complete
 
     def _count(self, outcome: str, confidence: float | None) -> None:
         AGENT_QUERIES.labels(outcome=outcome).inc()
@@ -128,7 +143,7 @@ class DeFiAgent:
         AGENT_PROCESSING.observe(time.perf_counter() - started)
         return final
 
-    def _finish(self, question: str, state: AgentState, session: Session | None) -> AgentResult:
+    async def _finish(self, question: str, state: AgentState, session: Session | None) -> AgentResult:
         stage = state["processing_stage"]
         self._count("answered" if stage == "response_complete" else "no_match", state["confidence"])
         AGENT_CONFIDENCE.observe(state["confidence"])
@@ -142,7 +157,7 @@ class DeFiAgent:
             error=state.get("error"),
         )
         if session is not None:
-            self.sessions.add_turn(
+            await self.sessions.add_turn(
                 session,
                 Turn(
                     question=question,

@@ -3,17 +3,24 @@
 Nodes are async functions over the typed state that return only the keys they change. When the
 caller streams (`streaming=True`), the `emit` node writes `metadata` and `word` events through
 LangGraph's custom stream; `ainvoke` callers get the final state and no events.
+
+In generative mode a matched question goes to `generate` instead: a chat model writes the answer from the
+top entries, and the node streams it as whole words while it is generated (its `metadata` comes first,
+with `total_words` null because the length is not known yet). If the model fails, the extractive answer
+is used and `error` says why.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import re
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
+import structlog
 from langgraph.config import get_stream_writer
 from langgraph.graph import END, START, StateGraph
 from langgraph.graph.state import CompiledStateGraph
@@ -21,12 +28,17 @@ from langgraph.graph.state import CompiledStateGraph
 from agents.followup import resolve_follow_up
 from agents.state import AgentState, InputState
 from agents.validation import clean_question
-from infrastructure.metrics import AGENT_NODE_DURATION
+from agents.words import WordRegrouper
+from infrastructure.metrics import AGENT_NODE_DURATION, ANSWER_GENERATIONS
 from services.embeddings import EmbeddingService
+from services.generation import AnswerGenerator, GenerationError, Passage
 from services.retrieval import Match, Retriever
+
+logger = structlog.get_logger(__name__)
 
 NO_MATCH_PREFIX = "I don't have a reliable answer to that."
 SUGGESTION_COUNT = 3
+INTERRUPTED_NOTICE = "[The generated answer was interrupted; the knowledge base answer follows.]"
 
 
 class Node(Protocol):
@@ -43,6 +55,7 @@ class AgentSettings:
     max_results: int
     question_max_chars: int
     word_delay_seconds: float
+    context_entries: int = 3
 
 
 def _timed(name: str, node: Node) -> Node:
@@ -68,18 +81,41 @@ def no_match_answer(suggestions: list[Match]) -> str:
     )
 
 
+def _sources(matches: list[Match]) -> list[dict[str, object]]:
+    return [
+        {"id": match.entry.id, "question": match.entry.question, "score": round(match.score, 4)} for match in matches
+    ]
+
+
+def _unknown_citations(words: list[str], entries: int) -> list[int]:
+    """Citation numbers [n] in the answer that point at no entry the model was shown."""
+    numbers = {int(number) for number in re.findall(r"\[(\d+)\]", " ".join(words))}
+    return sorted(number for number in numbers if not 1 <= number <= entries)
+
+
 def build_graph(
-    embeddings: EmbeddingService, retriever: Retriever, settings: AgentSettings
+    embeddings: EmbeddingService,
+    retriever: Retriever,
+    settings: AgentSettings,
+    generator: AnswerGenerator | None = None,
 ) -> CompiledStateGraph[AgentState, None, InputState, AgentState]:
-    """Compile the agent graph over the given services."""
+    """Compile the agent graph over the given services (`generator`: generative answers, else extractive)."""
 
     async def validate(state: AgentState) -> dict[str, Any]:
         return {"question": clean_question(state["question"], settings.question_max_chars)}
 
     async def contextualize(state: AgentState) -> dict[str, Any]:
-        resolved = resolve_follow_up(state["question"], state.get("previous_question"))
-        candidates = [resolved] if resolved == state["question"] else [resolved, state["question"]]
-        return {"candidates": candidates}
+        question, previous = state["question"], state.get("previous_question")
+        candidates = [resolve_follow_up(question, previous), question]
+        if generator is not None and previous:
+            try:
+                rewritten = await generator.rewrite(question, previous)
+            except GenerationError as error:
+                logger.warning("follow_up_rewrite_failed", reason=error.reason)
+                rewritten = None
+            if rewritten:
+                candidates.insert(0, rewritten[: settings.question_max_chars])
+        return {"candidates": list(dict.fromkeys(candidates))}
 
     async def embed(state: AgentState) -> dict[str, Any]:
         vectors = await asyncio.gather(*(embeddings.embed_query(text) for text in state["candidates"]))
@@ -94,19 +130,16 @@ def build_graph(
         confidence = best_matches[0].score if best_matches else 0.0
         return {"resolved_question": best_text, "matches": best_matches, "confidence": round(confidence, 4)}
 
-    def decide(state: AgentState) -> Literal["compose_answer", "compose_no_match"]:
+    # async: LangGraph runs a plain function router in its thread pool, a round trip per question.
+    async def decide(state: AgentState) -> Literal["compose_answer", "generate", "compose_no_match"]:
         if state["matches"] and state["confidence"] >= settings.similarity_threshold:
-            return "compose_answer"
+            return "generate" if generator is not None else "compose_answer"
         return "compose_no_match"
 
     async def compose_answer(state: AgentState) -> dict[str, Any]:
-        sources = [
-            {"id": match.entry.id, "question": match.entry.question, "score": round(match.score, 4)}
-            for match in state["matches"]
-        ]
         return {
             "answer": state["matches"][0].entry.answer,
-            "sources": sources,
+            "sources": _sources(state["matches"]),
             "processing_stage": "response_complete",
             "error": None,
         }
@@ -140,6 +173,59 @@ def build_graph(
             write({"type": "word", "content": word, "index": index, "confidence": confidence})
         return {}
 
+    async def generate(state: AgentState) -> dict[str, Any]:
+        assert generator is not None
+        top = state["matches"][: settings.context_entries]
+        sources = _sources(top)  # exactly the entries the model sees, so [n] is sources[n - 1]
+        passages = [Passage(number, match.entry.question, match.entry.answer) for number, match in enumerate(top, 1)]
+        confidence = state["confidence"]
+        write = get_stream_writer() if state.get("streaming") else None
+        if write is not None:
+            write(
+                {
+                    "type": "metadata",
+                    "session_id": state.get("session_id"),
+                    "total_words": None,
+                    "confidence": confidence,
+                    "sources": sources,
+                }
+            )
+        words: list[str] = []
+
+        def send(new_words: list[str]) -> None:
+            for word in new_words:
+                if write is not None:
+                    write({"type": "word", "content": word, "index": len(words), "confidence": confidence})
+                words.append(word)
+
+        regrouper = WordRegrouper()
+        failure: str | None = None
+        try:
+            async for delta in generator.stream(state["resolved_question"], passages):
+                send(regrouper.feed(delta))
+            send(regrouper.finish())
+            if not words:
+                failure = "empty"
+        except GenerationError as error:
+            failure = error.reason
+        ANSWER_GENERATIONS.labels(result=failure or "generated").inc()
+        if failure is None and (unknown := _unknown_citations(words, len(passages))):
+            logger.warning("generation_cited_unknown_entries", citations=unknown, entries=len(passages))
+        if failure is not None:
+            logger.warning("generation_fell_back", reason=failure, words_already_sent=len(words) if write else 0)
+            # Words a client has already seen cannot be taken back: say so, then give the extractive answer.
+            if write is None or not words:
+                words.clear()
+                send(top[0].entry.answer.split())
+            else:
+                send(INTERRUPTED_NOTICE.split() + top[0].entry.answer.split())
+        return {
+            "answer": " ".join(words),
+            "sources": sources,
+            "processing_stage": "response_complete",
+            "error": f"generative_fallback: {failure}" if failure is not None else None,
+        }
+
     graph = StateGraph(AgentState, input_schema=InputState)
     graph.add_node("validate", _timed("validate", validate))
     graph.add_node("contextualize", _timed("contextualize", contextualize))
@@ -147,6 +233,7 @@ def build_graph(
     graph.add_node("retrieve", _timed("retrieve", retrieve))
     graph.add_node("compose_answer", _timed("compose_answer", compose_answer))
     graph.add_node("compose_no_match", _timed("compose_no_match", compose_no_match))
+    graph.add_node("generate", _timed("generate", generate))
     graph.add_node("emit", _timed("emit", emit))
     graph.add_edge(START, "validate")
     graph.add_edge("validate", "contextualize")
@@ -155,5 +242,6 @@ def build_graph(
     graph.add_conditional_edges("retrieve", decide)
     graph.add_edge("compose_answer", "emit")
     graph.add_edge("compose_no_match", "emit")
+    graph.add_edge("generate", END)  # streams its own events while the model writes
     graph.add_edge("emit", END)
     return graph.compile()

@@ -17,7 +17,9 @@ from config import Settings
 from infrastructure.metrics import SSE_STREAMS_ACTIVE, WEBSOCKET_CONNECTIONS, gauge_value
 from infrastructure.performance import OutcomeWindow, RequestWindow
 from infrastructure.system import EventLoopLagMonitor, SystemSampler
+from services.embedding_cache import DiskCache, MemoryCache, SharedCache
 from services.embeddings import EmbeddingService
+from services.sessions import SessionStore, SessionStoreUnavailableError
 
 logger = structlog.get_logger(__name__)
 
@@ -54,19 +56,24 @@ def worst(statuses: list[Status]) -> Status:
 
 
 def cache_stats(embeddings: EmbeddingService) -> dict[str, Any]:
-    """Hits and misses of both cache layers since start-up, and the share of question look-ups served by a cache."""
+    """Hits and misses of each cache layer since start-up, and the share of question look-ups served by a cache."""
     layers: dict[str, dict[str, Any]] = {}
-    for name, layer in (("memory", embeddings.memory_cache), ("disk", embeddings.disk_cache)):
+    ordered: tuple[tuple[str, MemoryCache | SharedCache | DiskCache | None], ...] = (
+        ("memory", embeddings.memory_cache),
+        ("shared", getattr(embeddings, "shared_cache", None)),
+        ("disk", embeddings.disk_cache),
+    )
+    for name, layer in ordered:
         if layer is not None:
             lookups = layer.hits + layer.misses
             layers[name] = {
-                "entries": len(layer),
+                "entries": None if isinstance(layer, SharedCache) else len(layer),
                 "hits": layer.hits,
                 "misses": layer.misses,
                 "hit_rate": round(layer.hits / lookups, 4) if lookups else None,
             }
-    # A question is looked up in the first layer; a disk look-up only follows a memory miss.
-    first = layers.get("memory") or layers.get("disk")
+    # A question is looked up in the first layer; each later look-up only follows a miss above it.
+    first = layers.get("memory") or layers.get("shared") or layers.get("disk")
     first_lookups = first["hits"] + first["misses"] if first else 0
     hits = sum(layer["hits"] for layer in layers.values())
     return {"hit_rate": round(hits / first_lookups, 4) if first_lookups else None, "layers": layers}
@@ -110,19 +117,41 @@ def dataset_component(entries: int) -> dict[str, Any]:
     return component("healthy", f"{entries} knowledge-base entries loaded", entries=entries)
 
 
+async def count_sessions(sessions: SessionStore) -> int | None:
+    """Live sessions, or None while the session store cannot be reached."""
+    try:
+        return await sessions.count()
+    except SessionStoreUnavailableError:
+        return None
+
+
+def redis_component(problem: str | None) -> dict[str, Any]:
+    """Healthy when Redis answers; otherwise unhealthy, with what still works."""
+    if problem is None:
+        return component("healthy", "Redis reachable: sessions, rate limits and the shared cache are shared")
+    return component(
+        "unhealthy",
+        f"Redis unreachable ({problem}): session endpoints answer 503, rate limits are not enforced, "
+        "stateless questions are still answered",
+    )
+
+
 def health_report(
-    agent: DeFiAgent | None, monitoring: Monitoring, redis_reachable: bool | None = None
+    agent: DeFiAgent | None,
+    monitoring: Monitoring,
+    redis_problem: str | None = None,
+    *,
+    redis_configured: bool = False,
+    active_sessions: int | None = None,
 ) -> dict[str, Any]:
-    """The `/health-status` body; `redis_reachable` is None when no Redis is configured."""
+    """The `/health-status` body. A Redis outage makes the service degraded, not unhealthy: it still answers."""
     components: dict[str, dict[str, Any]] = {}
     hit_rate: float | None = None
-    active_sessions = 0
     if agent is None:
         components["agent"] = component("unhealthy", "the agent is not loaded")
     else:
         stats = cache_stats(agent.embeddings)
         hit_rate = stats["hit_rate"]
-        active_sessions = len(agent.sessions)
         components["agent"] = component(
             "healthy",
             "agent loaded",
@@ -132,13 +161,12 @@ def health_report(
         components["embeddings"] = embeddings_component(agent.embeddings)
         components["cache"] = cache_component(agent.embeddings, stats)
         components["dataset"] = dataset_component(len(agent.retriever.knowledge_base))
-    if redis_reachable is not None:
-        components["redis"] = (
-            component("healthy", "rate-limit storage reachable")
-            if redis_reachable
-            else component("unhealthy", "rate-limit storage unreachable: questions cannot be counted")
-        )
-    status = worst([entry["status"] for entry in components.values()])
+    statuses: list[Status] = [entry["status"] for entry in components.values()]
+    if redis_configured:
+        components["redis"] = redis_component(redis_problem)
+        if redis_problem is not None:
+            statuses.append("degraded")
+    status = worst(statuses)
     requests = monitoring.requests.snapshot()["total"]
     outcomes = monitoring.outcomes.snapshot()
     avg_ms = requests["avg_ms"]

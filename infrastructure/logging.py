@@ -82,5 +82,5 @@ def configure_logging(
         uvicorn_logger = logging.getLogger(name)
         uvicorn_logger.handlers.clear()
         uvicorn_logger.propagate = True
-    for noisy in ("httpx", "httpcore", "openai"):
+    for noisy in ("httpx", "httpcore", "httpx2", "httpcore2", "openai"):  # the openai SDK uses httpx2
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))

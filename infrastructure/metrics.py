@@ -56,6 +56,11 @@ EMBEDDING_BATCH_SIZE = Histogram(
 EMBEDDING_CACHE_REQUESTS = Counter(
     "embedding_cache_requests_total", "Embedding cache look-ups by layer and result.", ["layer", "result"]
 )
+ANSWER_GENERATIONS = Counter(
+    "answer_generations_total",
+    "Generative answers by result: `generated`, or the fallback reason (timeout, server_error, ...).",
+    ["result"],
+)
 ACTIVE_SESSIONS = Gauge("active_sessions", "Sessions currently held.", multiprocess_mode="livesum")
 SSE_STREAMS_ACTIVE = Gauge(
     "sse_streams_active", "Server-sent event streams currently open.", multiprocess_mode="livesum"
@@ -68,6 +73,11 @@ WEBSOCKET_MESSAGES = Counter(
     "websocket_messages_total", "WebSocket messages by direction and type.", ["direction", "type"]
 )
 RATE_LIMIT_REJECTIONS = Counter("rate_limit_rejections_total", "Requests refused by the rate limiter.", ["route"])
+SHARED_STORAGE_ERRORS = Counter(
+    "shared_storage_errors_total",
+    "Failed operations on shared storage (Redis): sessions, the shared embedding cache, rate-limit counting.",
+    ["component"],
+)
 EVENT_LOOP_LAG = Gauge(
     "event_loop_lag_seconds",
     "How late the event loop woke from its last monitoring sleep (worst worker).",

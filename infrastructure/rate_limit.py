@@ -3,6 +3,10 @@
 Built on slowapi's `Limiter` (moving window over `limits` storage: in memory by default, Redis when
 RATE_LIMIT_STORAGE_URI says so). The client is the socket peer; `X-Forwarded-For` / `Forwarded` are
 believed only when the peer is inside TRUSTED_PROXIES.
+
+When a remote storage cannot be reached the limiter fails open: the question is allowed (without
+X-RateLimit-* headers), `shared_storage_errors_total{component="rate_limit"}` counts it and one warning is
+logged per outage. For a Q&A bot, answering unmetered for a while beats refusing everyone.
 """
 
 from __future__ import annotations
@@ -13,9 +17,16 @@ import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import cast
 
+import structlog
 from limits import RateLimitItemPerSecond
 from slowapi import Limiter
+
+from infrastructure.metrics import SHARED_STORAGE_ERRORS
+from infrastructure.redis_client import sync_storage_options
+
+logger = structlog.get_logger(__name__)
 
 _FORWARDED_FOR = re.compile(r'for="?\[?([^;,"\]]+)', re.IGNORECASE)
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -29,6 +40,7 @@ class RateDecision:
     limit: int
     remaining: int
     reset_at: float
+    counted: bool = True
 
     @property
     def retry_after_seconds(self) -> int:
@@ -36,7 +48,9 @@ class RateDecision:
         return max(1, int(self.reset_at - time.time() + 0.999))
 
     def headers(self) -> dict[str, str]:
-        """The X-RateLimit-* headers for this decision."""
+        """The X-RateLimit-* headers for this decision (none when the storage could not count it)."""
+        if not self.counted:
+            return {}
         return {
             "X-RateLimit-Limit": str(self.limit),
             "X-RateLimit-Remaining": str(self.remaining),
@@ -50,16 +64,34 @@ class QuestionRateLimiter:
     SCOPE = "questions"
 
     def __init__(self, requests: int, window_seconds: int, storage_uri: str) -> None:
-        self._limiter = Limiter(key_func=lambda: "", storage_uri=storage_uri, strategy="moving-window")
-        self._item = RateLimitItemPerSecond(requests, window_seconds)
         self._in_memory = storage_uri.startswith("memory://")
+        options = sync_storage_options() if storage_uri.startswith(("redis://", "rediss://")) else {}
+        self._limiter = Limiter(
+            key_func=lambda: "",
+            storage_uri=storage_uri,
+            strategy="moving-window",
+            storage_options=cast(dict[str, str], options),  # passed through to redis.from_url, not only strings
+        )
+        self._item = RateLimitItemPerSecond(requests, window_seconds)
         self.limit = requests
+        self._failing = False
 
     async def spend(self, client_key: str) -> RateDecision:
-        """`hit` without blocking the event loop when the storage is remote (e.g. Redis)."""
+        """`hit` without blocking the event loop when the storage is remote (e.g. Redis); fails open."""
         if self._in_memory:
             return self.hit(client_key)
-        return await asyncio.to_thread(self.hit, client_key)
+        try:
+            decision = await asyncio.to_thread(self.hit, client_key)
+        except Exception as error:  # every storage backend raises its own client's errors
+            SHARED_STORAGE_ERRORS.labels(component="rate_limit").inc()
+            if not self._failing:
+                logger.warning("rate_limit_storage_unavailable", error=f"{type(error).__name__}: {error}"[:300])
+            self._failing = True
+            return RateDecision(True, self.limit, self.limit, time.time(), counted=False)
+        if self._failing:
+            logger.info("rate_limit_storage_recovered")
+        self._failing = False
+        return decision
 
     @property
     def shared_storage(self) -> bool:

@@ -9,12 +9,14 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from agents.agent import AgentUnavailableError
 from agents.validation import InvalidQuestionError
 from infrastructure.metrics import RATE_LIMIT_REJECTIONS
 from infrastructure.rate_limit import RateLimitExceededError
 from middleware.request_context import route_template
+from services.sessions import SessionStoreUnavailableError
 
 logger = structlog.get_logger(__name__)
 
@@ -79,13 +81,37 @@ async def _http_handler(request: Request, error: Exception) -> JSONResponse:
     detail = error.detail if isinstance(error.detail, str) else "Request failed"
     if error.status_code == 404 and detail == "Not Found":
         detail = f"No route for {request.method} {request.url.path}"
-    if error.status_code == 405 and detail == "Method Not Allowed":
-        detail = f"Method {request.method} is not allowed on {request.url.path}"
-    return error_response(error.status_code, detail, headers=getattr(error, "headers", None))
+    headers = getattr(error, "headers", None)
+    if error.status_code == 405:
+        # Starlette's Allow names only the first route on the path; GET and POST /ask-stream are two routes.
+        headers = {**(headers or {}), "Allow": ", ".join(allowed_methods(request))}
+        if detail == "Method Not Allowed":
+            detail = f"Method {request.method} is not allowed on {request.url.path}"
+    if error.status_code == 400 and detail == "There was an error parsing the body":
+        # FastAPI's answer to a JSON body that is not UTF-8: it is invalid JSON, reported like any other.
+        return error_response(422, "Request body is not valid JSON (it must be UTF-8)", "invalid_json")
+    return error_response(error.status_code, detail, headers=headers)
+
+
+_HTTP_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route fully matches on the request's path (asked of the router, method by method)."""
+    allowed = []
+    for method in _HTTP_METHODS:
+        scope = {**request.scope, "method": method}
+        if any(route.matches(scope)[0] == Match.FULL for route in request.app.router.routes):
+            allowed.append(method)
+    return allowed
 
 
 async def _unavailable_handler(request: Request, error: Exception) -> JSONResponse:
     return error_response(503, str(error), "agent_unavailable", headers={"Retry-After": "5"})
+
+
+async def _session_store_handler(request: Request, error: Exception) -> JSONResponse:
+    return error_response(503, str(error), "session_store_unavailable", headers={"Retry-After": "5"})
 
 
 async def _rate_limited_handler(request: Request, error: Exception) -> JSONResponse:
@@ -108,5 +134,6 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(InvalidQuestionError, _invalid_question_handler)
     app.add_exception_handler(StarletteHTTPException, _http_handler)
     app.add_exception_handler(AgentUnavailableError, _unavailable_handler)
+    app.add_exception_handler(SessionStoreUnavailableError, _session_store_handler)
     app.add_exception_handler(RateLimitExceededError, _rate_limited_handler)
     app.add_exception_handler(Exception, _unexpected_handler)

@@ -1,4 +1,4 @@
-"""Two-layer embedding cache: an in-memory LRU in front of checksummed files on disk.
+"""Embedding cache layers: an in-memory LRU, an optional shared tier in Redis, checksummed files on disk.
 
 Keys are SHA256 hex digests of (model id + normalized text). A disk entry is a small binary file:
 
@@ -6,6 +6,9 @@ Keys are SHA256 hex digests of (model id + normalized text). A disk entry is a s
 
 No pickle is involved. A truncated, altered or expired file is treated as a miss and removed, so the
 caller recomputes and rewrites it; the cache never raises into a request.
+
+The shared tier stores `defi:emb:<key>` -> the raw little-endian float32 vector, with a TTL of
+CACHE_EXPIRY_DAYS. A Redis error is a miss (and the tier is skipped for a moment), never a failure.
 """
 
 from __future__ import annotations
@@ -24,8 +27,10 @@ from typing import Literal
 
 import numpy as np
 import structlog
+from redis.asyncio import Redis
 
-from infrastructure.metrics import EMBEDDING_CACHE_REQUESTS
+from infrastructure.metrics import EMBEDDING_CACHE_REQUESTS, SHARED_STORAGE_ERRORS
+from infrastructure.redis_client import RedisFailure
 
 logger = structlog.get_logger(__name__)
 
@@ -76,6 +81,67 @@ class MemoryCache:
 
     def __len__(self) -> int:
         return len(self._items)
+
+
+class SharedCache:
+    """Vectors in Redis, shared by every worker and replica (async; errors count as misses)."""
+
+    PREFIX = "defi:emb:"
+    PAUSE_AFTER_ERROR_SECONDS = 2.0
+
+    def __init__(self, client: Redis, expiry_days: int) -> None:
+        self._redis = client
+        self._ttl_seconds = expiry_days * 86_400
+        self._paused_until = 0.0
+        self.healthy = True
+        self.last_error: str | None = None
+        self.hits = 0
+        self.misses = 0
+
+    async def get(self, key: str) -> np.ndarray | None:
+        """The shared vector for `key`, or None (absent, malformed, or Redis unavailable)."""
+        vector: np.ndarray | None = None
+        if time.monotonic() >= self._paused_until:
+            try:
+                blob = await self._redis.get(self.PREFIX + key)
+            except RedisFailure as error:
+                self._failed(error)
+            else:
+                self._succeeded()
+                if isinstance(blob, bytes) and blob and len(blob) % 4 == 0:
+                    vector = np.frombuffer(blob, dtype="<f4").astype(np.float32)
+        if vector is not None:
+            self.hits += 1
+        else:
+            self.misses += 1
+        EMBEDDING_CACHE_REQUESTS.labels(layer="shared", result="hit" if vector is not None else "miss").inc()
+        return vector
+
+    async def put(self, key: str, vector: np.ndarray) -> None:
+        """Share `vector` for CACHE_EXPIRY_DAYS (best effort)."""
+        if time.monotonic() < self._paused_until:
+            return
+        payload = np.ascontiguousarray(vector, dtype="<f4").tobytes()
+        try:
+            await self._redis.set(self.PREFIX + key, payload, ex=self._ttl_seconds)
+        except RedisFailure as error:
+            self._failed(error)
+        else:
+            self._succeeded()
+
+    def _failed(self, error: BaseException) -> None:
+        SHARED_STORAGE_ERRORS.labels(component="embedding_cache").inc()
+        self._paused_until = time.monotonic() + self.PAUSE_AFTER_ERROR_SECONDS
+        if self.healthy:
+            logger.warning("embedding_shared_cache_error", error=f"{type(error).__name__}: {error}"[:300])
+        self.healthy = False
+        self.last_error = f"{type(error).__name__}: {error}"[:200]
+
+    def _succeeded(self) -> None:
+        if not self.healthy:
+            logger.info("embedding_shared_cache_recovered")
+        self.healthy = True
+        self.last_error = None
 
 
 class DiskCache:

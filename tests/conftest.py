@@ -9,10 +9,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+
+from tests.fake_openai import FakeOpenAIServer
 
 ROOT = Path(__file__).resolve().parent.parent
 STARTUP_TIMEOUT_SECONDS = 420.0
@@ -117,3 +121,48 @@ def client(server: ServerProcess) -> Iterator[httpx.Client]:
     """An httpx client bound to the default server."""
     with httpx.Client(base_url=server.base_url, timeout=30.0) as http:
         yield http
+
+
+# --- an OpenAI-compatible API on loopback (tests/fake_openai.py) ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class OpenAIStack:
+    """A server using the fake API for embeddings and generative answers, and what start-up cost there."""
+
+    server: ServerProcess
+    fake: FakeOpenAIServer
+    startup_stats: dict[str, Any]
+    cache_dir: Path
+
+
+def openai_env(fake: FakeOpenAIServer, cache_dir: Path) -> dict[str, str]:
+    """Settings for a server on the fake API: remote embeddings, generative answers, short timeouts."""
+    return {
+        "EMBEDDING_PROVIDER": "openai",
+        "ANSWER_MODE": "generative",
+        "OPENAI_API_KEY": fake.state.api_key,
+        "OPENAI_BASE_URL": fake.base_url,
+        "OPENAI_TIMEOUT_SECONDS": "2",
+        "OPENAI_MAX_RETRIES": "2",
+        "CACHE_DIR": str(cache_dir),
+    }
+
+
+@pytest.fixture(scope="session")
+def fake_openai() -> Iterator[FakeOpenAIServer]:
+    """The fake OpenAI-compatible API, served from a thread of the test process."""
+    fake = FakeOpenAIServer().start()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture(scope="session")
+def openai_stack(
+    start_server: Callable[..., ServerProcess], fake_openai: FakeOpenAIServer, tmp_path_factory: pytest.TempPathFactory
+) -> OpenAIStack:
+    """One server on the fake API for the session (its own cache directory, so its index is its own)."""
+    cache_dir = tmp_path_factory.mktemp("openai-cache")
+    fake_openai.reset()
+    server = start_server(**openai_env(fake_openai, cache_dir))
+    return OpenAIStack(server, fake_openai, fake_openai.stats(), cache_dir)

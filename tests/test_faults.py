@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -27,7 +28,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import ROOT, ServerProcess
+from tests.conftest import ROOT, OpenAIStack, ServerProcess
 
 QUESTIONS = [
     "What is impermanent loss?",
@@ -289,9 +290,40 @@ def test_invalid_dataset_exits_with_one_clear_line(tmp_path: Path, content: str,
 # --- (d) the embedder failing --------------------------------------------------------------------------------
 
 
-@pytest.mark.skip(
-    reason="needs an injected embedder failure: the local ONNX model cannot be made to fail from outside, and "
-    "EMBEDDING_PROVIDER=openai needs an OpenAI-compatible fake server (not part of this suite yet)"
-)
-def test_embedder_failure_gives_503_and_stream_error() -> None:
-    raise AssertionError("not reached")
+def test_embedder_failure_gives_503_and_stream_error(openai_stack: OpenAIStack) -> None:
+    """The server on the fake OpenAI API (tests/fake_openai.py), its embeddings endpoint failing with 500s."""
+    fake = openai_stack.fake
+    fake.reset()
+    marker = uuid.uuid4().hex[:8]  # questions no cache layer has seen
+    with httpx.Client(base_url=openai_stack.server.base_url, timeout=60) as http:
+        first = http.post("/v2/ask", json={"question": "What is Aave?"})
+        assert first.status_code == 200, first.text
+        session_id = first.json()["session_id"]
+        fake.fault("embeddings", "500")
+        try:
+            started = time.monotonic()
+            response = http.post("/ask", json={"question": f"What is a flash loan on chain {marker}?"})
+            assert response.status_code == 503, response.text
+            assert response.json()["code"] == "agent_unavailable" and set(response.json()) == {"detail", "type", "code"}
+            assert time.monotonic() - started < 15, "failed after the retries, no hang"
+            in_session = http.post(
+                "/v2/ask", json={"question": f"what are its risks {marker}?", "session_id": session_id}
+            )
+            assert in_session.status_code == 503, in_session.text
+            with http.stream("POST", "/ask-stream", json={"question": f"What is MEV {marker}?"}) as stream:
+                assert stream.status_code == 200
+                events = [json.loads(line[5:]) for line in stream.iter_lines() if line.startswith("data:")]
+            assert [event["type"] for event in events] == ["error"], events
+            assert events[0]["code"] == "embedding_unavailable"
+            health = http.get("/health-status").json()
+            assert health["components"]["embeddings"]["status"] == "degraded", health["components"]["embeddings"]
+            assert health["status"] == "degraded"
+        finally:
+            fake.reset()
+        turns = http.get(f"/v2/sessions/{session_id}").json()["turns"]
+        assert [turn["question"] for turn in turns] == ["What is Aave?"], (
+            "the session survived, the failed turn not added"
+        )
+        recovered = http.post("/v2/ask", json={"question": f"what are its risks {marker}?", "session_id": session_id})
+        assert recovered.status_code == 200, recovered.text
+        assert http.get("/health-status").json()["components"]["embeddings"]["status"] == "healthy"

@@ -37,6 +37,7 @@ from api.routes import health as health_routes
 from infrastructure.performance import OutcomeWindow, RequestWindow, percentile
 from infrastructure.rate_limit import QuestionRateLimiter
 from middleware.errors import install_error_handlers
+from services.sessions import MemorySessionStore
 from tests.conftest import ServerProcess
 from tests.test_browser import ARTIFACTS, Browser, browser  # noqa: F401  (the module-scoped Chromium fixture)
 
@@ -369,7 +370,7 @@ def _fake_agent(entries: int, last_error: str | None = None, running: bool = Tru
     )
     return SimpleNamespace(
         embeddings=embeddings,
-        sessions=[],
+        sessions=MemorySessionStore(60, 10, 5),
         retriever=SimpleNamespace(phrasing_count=entries * 3, knowledge_base=[None] * entries),
         settings=SimpleNamespace(similarity_threshold=0.4),
     )
@@ -401,9 +402,14 @@ def test_health_status_judgement_and_503(agent: SimpleNamespace | None, status: 
 
 
 def test_redis_component_reported_when_storage_is_shared() -> None:
-    report = health_report(_fake_agent(3), Monitoring(), redis_reachable=False)
-    assert report["status"] == "unhealthy"
+    # Without Redis the service still answers stateless questions: degraded, not unhealthy.
+    report = health_report(_fake_agent(3), Monitoring(), "ConnectionError: refused", redis_configured=True)
+    assert report["status"] == "degraded"
     assert report["components"]["redis"]["status"] == "unhealthy"
+    assert "refused" in report["components"]["redis"]["detail"]
+    healthy = health_report(_fake_agent(3), Monitoring(), None, redis_configured=True)
+    assert healthy["status"] == "healthy" and healthy["components"]["redis"]["status"] == "healthy"
+    assert "redis" not in health_report(_fake_agent(3), Monitoring())["components"]
 
 
 # --- sliding windows (unit) ----------------------------------------------------------------------------------

@@ -11,9 +11,10 @@ Checks that do not fit the documented behaviour are switched off per operation i
 `positive_data_acceptance` on the question operations (the schema says `question: string`, the documented
 rule is "1 to QUESTION_MAX_CHARS characters after stripping, no NUL", which the check cannot know).
 
-Discrepancies found by this run are listed in KNOWN_DISCREPANCIES, each restricted to its check, operations
-and status codes, so nothing else can hide behind it; each has a strict-xfail test below that turns into
-a failure (XPASS) once the service fixes it, so the entry gets removed.
+A discrepancy found by a run and not yet fixed goes in KNOWN_DISCREPANCIES, restricted to its check,
+operations and status codes so nothing else can hide behind it, with a strict-xfail test that turns into a
+failure (XPASS) once the service is fixed. The list is empty: the four found so far were fixed, and their
+regression tests are at the end of this file.
 """
 
 from __future__ import annotations
@@ -70,38 +71,8 @@ class Discrepancy:
     summary: str
 
 
-STREAM_LABELS = frozenset({"POST /ask-stream", "POST /v2/ask-stream", "GET /ask-stream"})
-POST_LABELS = frozenset({"POST /ask", "POST /v2/ask", "POST /ask-stream", "POST /v2/ask-stream"})
-KNOWN_DISCREPANCIES = {
-    "stream-errors-documented-as-event-stream": Discrepancy(
-        "content_type_conformance",
-        STREAM_LABELS,
-        frozenset({413, 422, 429}),
-        "api/routes/stream.py:26-28 give 413/422/429 only a `model`, so FastAPI documents them under the route's "
-        "text/event-stream; the bodies are application/json",
-    ),
-    "stream-200-schema-is-string": Discrepancy(
-        "response_schema_conformance",
-        STREAM_LABELS,
-        frozenset({200}),
-        "api/routes/stream.py:24 puts `schema: {type: string}` beside FastAPI's `itemSchema` for the 200 "
-        "text/event-stream; the parsed event list is validated against it and never matches",
-    ),
-    "allow-header-lists-one-route": Discrepancy(
-        "allow_header_conformance",
-        frozenset({"GET /ask-stream", "POST /ask-stream", "GET /v2/sessions/{session_id}"}),
-        frozenset({405}),
-        "405 `Allow` lists only the first matching route's methods when two routes share a path (Starlette's "
-        "HTTPException headers, passed on by middleware/errors.py:84)",
-    ),
-    "undecodable-body-is-undocumented-400": Discrepancy(
-        "status_code_conformance",
-        POST_LABELS,
-        frozenset({400}),
-        "a JSON body that is not UTF-8 gets FastAPI's 400 'There was an error parsing the body', documented "
-        "nowhere (api/routes/ask.py:14 _ERRORS, api/routes/stream.py:21 _STREAM_DOC)",
-    ),
-}
+# Empty since the four found by the first runs were fixed; each has a regression test at the end of this file.
+KNOWN_DISCREPANCIES: dict[str, Discrepancy] = {}
 
 
 # --- checks run inside the schemathesis process (this file is its hooks module) ------------------------------
@@ -313,45 +284,55 @@ def test_responses_match_the_documented_schema(run: RunResult) -> None:
     assert not unexpected, json.dumps(unexpected, indent=2)
 
 
-# --- the discrepancies, one strict xfail each: they pass (and so fail) once the service is fixed -------------
+# --- regression tests for the discrepancies the first runs found (all fixed) --------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True, raises=AssertionError, reason=KNOWN_DISCREPANCIES["stream-errors-documented-as-event-stream"].summary
-)
 def test_stream_errors_are_documented_as_json(server: ServerProcess) -> None:
     document = httpx.get(f"{server.base_url}/openapi.json", timeout=10).json()
     response = httpx.post(f"{server.base_url}/ask-stream", json={"question": ""}, timeout=10)
     assert response.status_code == 422
-    actual = response.headers["content-type"].split(";")[0]
-    documented = document["paths"]["/ask-stream"]["post"]["responses"]["422"]["content"]
-    assert actual in documented, (actual, list(documented))
+    assert response.headers["content-type"] == "application/json"
+    for status in ("413", "422", "429"):
+        documented = document["paths"]["/ask-stream"]["post"]["responses"][status]["content"]
+        assert list(documented) == ["application/json"], (status, documented)
 
 
-@pytest.mark.xfail(
-    strict=True, raises=AssertionError, reason=KNOWN_DISCREPANCIES["stream-200-schema-is-string"].summary
-)
-def test_stream_bodies_match_their_documented_schema(run: RunResult) -> None:
-    assert not run.observed("stream-200-schema-is-string")
+def test_stream_200_is_documented_by_its_events_only(server: ServerProcess, run: RunResult) -> None:
+    document = httpx.get(f"{server.base_url}/openapi.json", timeout=10).json()
+    content = document["paths"]["/ask-stream"]["post"]["responses"]["200"]["content"]
+    assert list(content) == ["text/event-stream"]
+    assert "schema" not in content["text/event-stream"], content
+    assert "itemSchema" in content["text/event-stream"], content
+    stream_failures = [
+        failure
+        for failure in run.failures
+        if failure["check"] == "response_schema_conformance" and failure["operation"].endswith("ask-stream")
+    ]
+    assert not stream_failures, stream_failures
 
 
-@pytest.mark.xfail(
-    strict=True, raises=AssertionError, reason=KNOWN_DISCREPANCIES["allow-header-lists-one-route"].summary
-)
-@pytest.mark.parametrize(("path", "methods"), [("/ask-stream", {"GET", "POST"}), ("/v2/sessions/x", {"GET", "DELETE"})])
-def test_405_allow_header_lists_every_method(server: ServerProcess, path: str, methods: set[str]) -> None:
+@pytest.mark.parametrize(("path", "methods"), [("/ask-stream", "GET, POST"), ("/v2/sessions/x", "DELETE, GET")])
+def test_405_allow_header_lists_every_method(server: ServerProcess, path: str, methods: str) -> None:
     response = httpx.request("PUT", f"{server.base_url}{path}", timeout=10)
     assert response.status_code == 405
-    allowed = {method.strip() for method in response.headers.get("allow", "").split(",") if method.strip()}
-    assert methods <= allowed, allowed
+    assert response.headers["allow"] == methods
+    assert response.json() == {
+        "detail": f"Method PUT is not allowed on {path}",
+        "type": "method_not_allowed",
+        "code": "method_not_allowed",
+    }
 
 
-@pytest.mark.xfail(
-    strict=True, raises=AssertionError, reason=KNOWN_DISCREPANCIES["undecodable-body-is-undocumented-400"].summary
-)
-def test_undecodable_body_gets_a_documented_status(server: ServerProcess) -> None:
+@pytest.mark.parametrize("path", ["/ask", "/v2/ask", "/ask-stream", "/v2/ask-stream"])
+def test_undecodable_body_is_a_documented_invalid_json_422(server: ServerProcess, path: str) -> None:
     document = httpx.get(f"{server.base_url}/openapi.json", timeout=10).json()
     response = httpx.post(
-        f"{server.base_url}/ask", content=b'{"question": "\xff\xfe"}', headers={"content-type": "application/json"}
+        f"{server.base_url}{path}", content=b'{"question": "\xff\xfe"}', headers={"content-type": "application/json"}
     )
-    assert str(response.status_code) in document["paths"]["/ask"]["post"]["responses"], response.text
+    assert response.status_code == 422
+    assert "422" in document["paths"][path]["post"]["responses"]
+    assert response.json() == {
+        "detail": "Request body is not valid JSON (it must be UTF-8)",
+        "type": "validation_error",
+        "code": "invalid_json",
+    }

@@ -15,7 +15,11 @@ _ERRORS: dict[int | str, dict[str, object]] = {
     413: {"model": ErrorResponse, "description": "Body too large"},
     422: {"model": ErrorResponse, "description": "Invalid question"},
     429: {"model": ErrorResponse, "description": "Question budget spent (see Retry-After)"},
-    503: {"model": ErrorResponse, "description": "Embedding model unavailable"},
+    503: {"model": ErrorResponse, "description": "Embedding model or session store unavailable"},
+}
+_SESSION_ERRORS: dict[int | str, dict[str, object]] = {
+    404: {"model": ErrorResponse, "description": "Unknown or expired session"},
+    503: {"model": ErrorResponse, "description": "Session store (Redis) unavailable"},
 }
 
 
@@ -41,15 +45,15 @@ async def ask(body: AskRequest, agent: AgentDep) -> AskResponse:
 async def ask_in_session(body: SessionAskRequest, agent: AgentDep, response: Response) -> AskResponse:
     """Answer a question inside a session; unknown or expired ids start a new session."""
     question = agent.clean_question(body.question)
-    session = agent.sessions.get_or_create(body.session_id)
+    session = await agent.sessions.get_or_create(body.session_id)
     response.headers["X-Session-ID"] = session.id
     return _to_response(await agent.answer(question, session))
 
 
-@router.get("/v2/sessions/{session_id}", response_model=SessionOut, responses={404: {"model": ErrorResponse}})
+@router.get("/v2/sessions/{session_id}", response_model=SessionOut, responses=_SESSION_ERRORS)
 async def get_session(session_id: str, sessions: SessionsDep, settings: SettingsDep) -> SessionOut | Response:
     """The turns of a live session."""
-    session = sessions.get(session_id)
+    session = await sessions.get(session_id)
     if session is None:
         return error_response(404, f"Session {session_id[:128]} not found or expired", "session_not_found")
     return SessionOut(
@@ -71,9 +75,9 @@ async def get_session(session_id: str, sessions: SessionsDep, settings: Settings
     )
 
 
-@router.delete("/v2/sessions/{session_id}", status_code=204, responses={404: {"model": ErrorResponse}})
+@router.delete("/v2/sessions/{session_id}", status_code=204, responses=_SESSION_ERRORS)
 async def delete_session(session_id: str, sessions: SessionsDep) -> Response:
     """End a session."""
-    if not sessions.delete(session_id):
+    if not await sessions.delete(session_id):
         return error_response(404, f"Session {session_id[:128]} not found or expired", "session_not_found")
     return Response(status_code=204)

@@ -6,13 +6,16 @@ import asyncio
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
+from redis.asyncio import Redis
+from starlette.datastructures import State
 
 from agents.agent import DeFiAgent
 from api.deps import AgentDep, MetricsAuth, MonitoringDep
-from api.monitoring import health_report
+from api.monitoring import count_sessions, health_report
 from api.schemas import HealthResponse
 from infrastructure.metrics import exposition
 from infrastructure.rate_limit import QuestionRateLimiter
+from infrastructure.redis_client import redis_problem
 
 router = APIRouter(tags=["operations"])
 
@@ -31,19 +34,27 @@ async def health(agent: AgentDep) -> HealthResponse:
 @router.get("/health-status", include_in_schema=False)
 async def health_status(request: Request, monitoring: MonitoringDep) -> JSONResponse:
     """Readiness: each component's status and headline figures; 503 when the service cannot answer."""
-    agent: DeFiAgent | None = getattr(request.app.state, "agent", None)
-    report = health_report(agent, monitoring, await _redis_reachable(request.app.state.rate_limiter))
+    state = request.app.state
+    agent: DeFiAgent | None = getattr(state, "agent", None)
+    configured, problem = await _redis_check(state)
+    sessions = await count_sessions(agent.sessions) if agent is not None else None
+    report = health_report(agent, monitoring, problem, redis_configured=configured, active_sessions=sessions)
     return JSONResponse(report, status_code=503 if report["status"] == "unhealthy" else 200)
 
 
-async def _redis_reachable(limiter: QuestionRateLimiter) -> bool | None:
-    """None without shared rate-limit storage; otherwise whether it answers within the timeout."""
+async def _redis_check(state: State) -> tuple[bool, str | None]:
+    """(configured, problem): the REDIS_URL pool when set, else a remote rate-limit storage, else nothing."""
+    client: Redis | None = getattr(state, "redis", None)
+    if client is not None:
+        return True, await redis_problem(client)
+    limiter: QuestionRateLimiter = state.rate_limiter
     if not limiter.shared_storage:
-        return None
+        return False, None
     try:
-        return await asyncio.wait_for(asyncio.to_thread(limiter.storage_reachable), REDIS_CHECK_TIMEOUT_SECONDS)
+        reachable = await asyncio.wait_for(asyncio.to_thread(limiter.storage_reachable), REDIS_CHECK_TIMEOUT_SECONDS)
     except TimeoutError:
-        return False
+        reachable = False
+    return True, None if reachable else "rate-limit storage does not answer"
 
 
 @router.get("/metrics", include_in_schema=False, dependencies=[MetricsAuth])

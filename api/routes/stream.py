@@ -17,14 +17,22 @@ from services.sessions import Session
 logger = structlog.get_logger(__name__)
 router = APIRouter(tags=["streaming"])
 
+
+def _json_error(description: str) -> dict[str, Any]:
+    """An error documented as application/json (a `model` alone would inherit the route's text/event-stream)."""
+    schema = {"$ref": f"#/components/schemas/{ErrorResponse.__name__}"}
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+# FastAPI documents the 200 itself (text/event-stream with an `itemSchema` of the yielded events).
 _STREAM_DOC: dict[int | str, dict[str, Any]] = {
     200: {
-        "description": "`data:` lines carrying `metadata`, then `word`..., then `complete` (or `error`) JSON events.",
-        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        "description": "`data:` lines carrying `metadata`, then `word`..., then `complete` (or `error`) JSON events."
     },
-    413: {"model": ErrorResponse},
-    422: {"model": ErrorResponse},
-    429: {"model": ErrorResponse},
+    413: _json_error("Body too large"),
+    422: _json_error("Invalid question or request"),
+    429: _json_error("Question budget spent (see Retry-After)"),
+    503: _json_error("Session store (Redis) unavailable, for a question inside a session"),
 }
 
 
@@ -38,14 +46,14 @@ def _stateless_question(body: AskRequest, agent: AgentDep) -> str:
     return agent.clean_question(body.question)
 
 
-def _session_question(body: SessionAskRequest, agent: AgentDep, response: Response) -> tuple[str, Session]:
+async def _session_question(body: SessionAskRequest, agent: AgentDep, response: Response) -> tuple[str, Session]:
     question = agent.clean_question(body.question)
-    session = agent.sessions.get_or_create(body.session_id)
+    session = await agent.sessions.get_or_create(body.session_id)
     response.headers["X-Session-ID"] = session.id
     return question, session
 
 
-def _query_question(
+async def _query_question(
     agent: AgentDep,
     response: Response,
     question: Annotated[str, Query(description="The question.")],
@@ -56,7 +64,7 @@ def _query_question(
     cleaned = agent.clean_question(question)
     if session_id is None:
         return cleaned, None
-    session = agent.sessions.get_or_create(session_id)
+    session = await agent.sessions.get_or_create(session_id)
     response.headers["X-Session-ID"] = session.id
     return cleaned, session
 

@@ -23,13 +23,14 @@ from agents.validation import InvalidQuestionError
 from config import Settings
 from infrastructure.metrics import RATE_LIMIT_REJECTIONS, STREAMS_CANCELLED, WEBSOCKET_CONNECTIONS, WEBSOCKET_MESSAGES
 from infrastructure.rate_limit import QuestionRateLimiter, client_address
-from services.sessions import Session
+from services.sessions import Session, SessionStoreUnavailableError
 
 logger = structlog.get_logger(__name__)
 router = APIRouter()
 
 PROTOCOL_VERSION = "1.0"
 POLICY_VIOLATION = 1008
+INTERNAL_ERROR = 1011
 _CLIENT_TYPES = frozenset({"question", "cancel", "ping", "heartbeat_response"})
 
 
@@ -40,11 +41,11 @@ class _PolicyViolationError(Exception):
 class ChatConnection:
     """One client connection: its session, its question queue and its tasks."""
 
-    def __init__(self, websocket: WebSocket, agent: DeFiAgent, settings: Settings) -> None:
+    def __init__(self, websocket: WebSocket, agent: DeFiAgent, settings: Settings, session: Session) -> None:
         self.websocket = websocket
         self.agent = agent
         self.settings = settings
-        self.session: Session = agent.sessions.get_or_create(None)
+        self.session = session
         state = websocket.app.state
         self.rate_limiter: QuestionRateLimiter = state.rate_limiter
         peer = websocket.client.host if websocket.client else None
@@ -110,7 +111,8 @@ class ChatConnection:
             if message["type"] == "websocket.disconnect":
                 raise WebSocketDisconnect(message.get("code", 1000))
             self.last_heard = time.monotonic()
-            self.agent.sessions.touch(self.session)
+            with suppress(SessionStoreUnavailableError):  # a question then reports it; other messages need no store
+                await self.agent.sessions.touch(self.session)
             self._count_message()
             text, data = message.get("text"), message.get("bytes")
             if text is None:
@@ -242,6 +244,15 @@ class ChatConnection:
             await self.send({"type": "heartbeat"})
 
 
+async def _refuse(websocket: WebSocket, detail: str) -> None:
+    """No session can be created (Redis down): one `error` message, then close 1011 (clients reconnect later)."""
+    message = {"type": "error", "message": detail, "error": detail, "code": "session_store_unavailable"}
+    with suppress(RuntimeError, WebSocketDisconnect):
+        await websocket.send_text(json.dumps({**message, "timestamp": time.time()}))
+        WEBSOCKET_MESSAGES.labels(direction="out", type="error").inc()
+        await websocket.close(code=INTERNAL_ERROR, reason="session store unavailable")
+
+
 def origin_allowed(websocket: WebSocket, allowed_origins: list[str]) -> bool:
     """Browsers send Origin: accept the page's own origin and ALLOWED_ORIGINS; non-browser clients send none."""
     origin = websocket.headers.get("origin")
@@ -260,8 +271,13 @@ async def websocket_ask(websocket: WebSocket) -> None:
         await websocket.close(code=POLICY_VIOLATION, reason="origin not allowed")
         return
     await websocket.accept()
+    try:
+        session = await agent.sessions.get_or_create(None)
+    except SessionStoreUnavailableError as error:
+        await _refuse(websocket, str(error))
+        return
     WEBSOCKET_CONNECTIONS.inc()
-    connection = ChatConnection(websocket, agent, settings)
+    connection = ChatConnection(websocket, agent, settings, session)
     structlog.contextvars.bind_contextvars(session_id=connection.session.id)
     try:
         await connection.run()
