@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         seed_index(cache_dir)
         extra_env = dict(item.split("=", 1) for item in args.server_env)
         with BenchServer(cache_dir, work / "server.log", extra_env) as server:
-            print(f"server ready in {server.start():.2f} s (pid {server.pid})")
+            print(f"server ready in {server.start_and_wait():.2f} s (pid {server.pid})")
             store_index(cache_dir)
             if args.mode == "repeated":
                 pool = QuestionPool(pool.take_many(32))

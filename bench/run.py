@@ -638,13 +638,13 @@ def main(argv: list[str] | None = None) -> int:
             results["skipped"].append("startup_cold")
             seeded = seed_index(cache_dir, args.index_from) or seed_index(cache_dir)
             server = BenchServer(cache_dir, log_path, args.server_env)
-            first = server.start()
+            first = server.start_and_wait()
             log(f"first start-up ({'index seeded' if seeded else 'cold'}): {first:.2f} s")
             store_index(cache_dir)
             server.stop()
         else:
             server = BenchServer(cache_dir, log_path, args.server_env)
-            cold = server.start()
+            cold = server.start_and_wait()
             phases["startup_cold"] = {"seconds": round(cold, 3), "note": "empty cache dir: embeds the dataset"}
             log(f"cold start-up: {cold:.2f} s")
             store_index(cache_dir)
@@ -654,7 +654,7 @@ def main(argv: list[str] | None = None) -> int:
             if attempt:
                 server.stop()
             server = BenchServer(cache_dir, log_path, args.server_env)
-            warm_runs.append(server.start())
+            warm_runs.append(server.start_and_wait())
             log(f"warm start-up: {warm_runs[-1]:.2f} s")
         phases["startup_warm"] = {"seconds": round(max(warm_runs), 3), "runs": [round(v, 3) for v in warm_runs]}
 

@@ -3,19 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
-from typing import BinaryIO
 
-import httpx
 import psutil  # type: ignore[import-untyped]
 
-ROOT = Path(__file__).resolve().parent.parent
+from scripts.local_server import ROOT, LocalServer, ServerStartError
+
+__all__ = ["ROOT", "BenchServer", "ProcessWatch"]
 READY_TIMEOUT_SECONDS = 300.0
 
 # Settings that keep the service at its defaults except where the benchmark itself would trip a
@@ -35,104 +29,27 @@ BENCH_ENV = {
 }
 
 
-def _die_with_parent() -> None:
-    """In the child before exec (Linux): killed when the benchmark process dies, however it dies."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: a disposable server
-    except (OSError, AttributeError):
-        pass
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class BenchServer:
-    """One server process on 127.0.0.1 and a free port, with its own cache directory."""
+class BenchServer(LocalServer):
+    """One server process on 127.0.0.1 and a free port with its own cache directory, killed with the benchmark."""
 
     def __init__(self, cache_dir: Path, log_path: Path, extra_env: dict[str, str] | None = None) -> None:
-        self.cache_dir = cache_dir
-        self.log_path = log_path
-        self.extra_env = extra_env or {}
-        self.port = 0
-        self.process: subprocess.Popen[bytes] | None = None
-        self.startup_seconds: float | None = None
-        self._log: BinaryIO | None = None
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def ws_url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}"
-
-    @property
-    def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
-
-    def start(self) -> float:
-        """Start the server and block until /health answers 200; return the seconds that took."""
-        self.port = free_port()
-        env = {
-            **os.environ,
-            **BENCH_ENV,
-            "PORT": str(self.port),
-            "CACHE_DIR": str(self.cache_dir),
-            **self.extra_env,
-        }
-        self._log = self.log_path.open("ab")
-        started = time.perf_counter()
-        self.process = subprocess.Popen(
-            [sys.executable, "main.py"],
-            cwd=ROOT,
-            env=env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+        super().__init__(
+            {**BENCH_ENV, "CACHE_DIR": str(cache_dir), **(extra_env or {})}, log_path, die_with_parent=True
         )
-        deadline = time.monotonic() + READY_TIMEOUT_SECONDS
-        with httpx.Client(timeout=1.0, trust_env=False) as client:
-            while time.monotonic() < deadline:
-                if self.process.poll() is not None:
-                    raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log_tail()}")
-                try:
-                    if client.get(f"{self.base_url}/health").status_code == 200:
-                        self.startup_seconds = time.perf_counter() - started
-                        return self.startup_seconds
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.02)
-        self.stop()
-        raise RuntimeError(f"server not ready after {READY_TIMEOUT_SECONDS:.0f} s:\n{self.log_tail()}")
+        self.cache_dir = cache_dir
 
-    def stop(self) -> None:
-        """SIGTERM, wait, SIGKILL if it will not go."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+    def start_and_wait(self) -> float:
+        """Start the server and block until /health answers 200; return the seconds that took."""
+        self.start()
+        try:
+            return self.wait_ready(READY_TIMEOUT_SECONDS, poll_seconds=0.02)
+        except ServerStartError:
+            self.stop()
+            raise
 
     def log_tail(self, limit: int = 4000) -> str:
         """The end of the server's output."""
-        if self._log is not None:
-            self._log.flush()
-        try:
-            return self.log_path.read_text(errors="replace")[-limit:]
-        except OSError:
-            return ""
+        return self.log()[-limit:]
 
     def __enter__(self) -> BenchServer:
         return self

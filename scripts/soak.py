@@ -28,20 +28,16 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import random
 import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
@@ -49,7 +45,8 @@ import psutil  # type: ignore[import-untyped]
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, WebSocketException
 
-ROOT = Path(__file__).resolve().parent.parent
+from scripts.local_server import LocalServer, ServerStartError
+
 MIB = 1024 * 1024
 REQUEST_TIMEOUT = 60.0
 STARTUP_TIMEOUT = 600.0
@@ -382,57 +379,12 @@ async def disconnect_burst(base_url: str, count: int, seed: int) -> int:
 # --- server, RSS and gauges ----------------------------------------------------------------------------------
 
 
-class OwnServer:
-    """`python main.py` on a free loopback port, with short session expiry; stopped on exit."""
-
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = int(sock.getsockname()[1])
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        self._log: TextIO = log_path.open("w")
-        full_env = {
-            **os.environ,
-            "HOST": "127.0.0.1",
-            "PORT": str(self.port),
-            "ENVIRONMENT": "test",
-            "LOG_DIR": "",
-            "HF_HUB_OFFLINE": "1",
-            "RATE_LIMIT_REQUESTS_PER_MINUTE": "100000000",  # every client shares 127.0.0.1
-            "WS_MAX_MESSAGES_PER_MINUTE": "100000",
-            **env,
-        }
-        self.process = subprocess.Popen(
-            [sys.executable, "main.py"], cwd=ROOT, env=full_env, stdout=self._log, stderr=subprocess.STDOUT
-        )
-
-    def wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise SystemExit(f"server exited with {self.process.returncode}:\n{self.log()[-3000:]}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.base_url}/health", timeout=1.0).status_code == 200:
-                    return
-            time.sleep(0.2)
-        self.stop()
-        raise SystemExit(f"server not ready after {timeout:.0f} s:\n{self.log()[-3000:]}")
-
-    def log(self) -> str:
-        if not self._log.closed:
-            self._log.flush()
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self._log.close()
+# Every client shares 127.0.0.1, so the per-client limits are raised out of the way.
+SOAK_SERVER_ENV = {
+    "ENVIRONMENT": "test",
+    "RATE_LIMIT_REQUESTS_PER_MINUTE": "100000000",
+    "WS_MAX_MESSAGES_PER_MINUTE": "100000",
+}
 
 
 def find_server_pid(base_url: str) -> int | None:
@@ -687,7 +639,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    own: OwnServer | None = None
+    own: LocalServer | None = None
     log_dir: Path | None = None
     if args.base_url:
         base_url = args.base_url.rstrip("/")
@@ -701,10 +653,15 @@ def main(argv: list[str] | None = None) -> int:
         }
         if args.cache_dir:
             env["CACHE_DIR"] = args.cache_dir
-        own = OwnServer(env, log_dir / "server.log")
+        own = LocalServer({**SOAK_SERVER_ENV, **env}, log_dir / "server.log", die_with_parent=True)
         print(f"starting a server on {own.base_url} (log {own.log_path}) ...", flush=True)
-        own.wait_ready(args.startup_timeout)
-        base_url, pid = own.base_url, own.process.pid
+        own.start()
+        try:
+            own.wait_ready(args.startup_timeout)
+        except ServerStartError as error:
+            own.stop()
+            raise SystemExit(str(error)) from None
+        base_url, pid = own.base_url, own.pid
         expiry_limit = args.session_ttl + args.cleanup_interval + 15.0
     try:
         print(f"soak: {args.clients} clients for {args.duration:.0f} s against {base_url} (server pid {pid})")

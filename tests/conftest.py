@@ -2,12 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,72 +10,26 @@ from typing import Any
 import httpx
 import pytest
 
+from scripts.local_server import ROOT, LocalServer, free_port
 from tests.fake_openai import FakeOpenAIServer
 
-ROOT = Path(__file__).resolve().parent.parent
 STARTUP_TIMEOUT_SECONDS = 420.0
+# The shared test servers take thousands of questions from one address; rate-limit tests set their own.
+TEST_ENV = {"ENVIRONMENT": "test", "RATE_LIMIT_REQUESTS_PER_MINUTE": "1000000"}
+
+__all__ = ["ROOT", "free_port"]
 
 
-def free_port() -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class ServerProcess:
-    """A real server process; its JSON log goes to a file the tests can read."""
+class ServerProcess(LocalServer):
+    """A real server process in the test configuration, started at once; its JSON log is a file tests read."""
 
     def __init__(self, env: dict[str, str], log_path: Path) -> None:
-        self.port = free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        self.ws_url = f"ws://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        full_env = {
-            **os.environ,
-            "HOST": "127.0.0.1",
-            "PORT": str(self.port),
-            "ENVIRONMENT": "test",
-            "LOG_DIR": "",
-            "HF_HUB_OFFLINE": "1",
-            # The shared test servers take thousands of questions from one address; rate-limit tests set their own.
-            "RATE_LIMIT_REQUESTS_PER_MINUTE": "1000000",
-            **env,
-        }
-        self._log = log_path.open("w")
-        self.process = subprocess.Popen(
-            [sys.executable, "main.py"], cwd=ROOT, env=full_env, stdout=self._log, stderr=subprocess.STDOUT
-        )
+        super().__init__({**TEST_ENV, **env}, log_path)
+        self.start()
 
-    def wait_ready(self) -> None:
+    def wait_ready(self, timeout_seconds: float = STARTUP_TIMEOUT_SECONDS, poll_seconds: float = 0.1) -> float:
         """Block until /health answers, or fail with the server's log."""
-        deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log()}")
-            try:
-                if httpx.get(f"{self.base_url}/health", timeout=1.0).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"server not ready after {STARTUP_TIMEOUT_SECONDS}s:\n{self.log()}")
-
-    def log(self) -> str:
-        """Everything the server has logged so far."""
-        self._log.flush()
-        return self.log_path.read_text()
-
-    def stop(self) -> None:
-        """SIGTERM, then wait (coverage data is written on the way out)."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self._log.close()
+        return super().wait_ready(timeout_seconds, poll_seconds)
 
 
 @pytest.fixture(scope="session")

@@ -519,7 +519,7 @@ def test_production_warns_about_open_operator_endpoints(
 def test_system_metrics_move(ops_server: ServerProcess) -> None:
     first = admin(ops_server, "/system-metrics")
     process = first["process"]
-    assert process["pid"] == ops_server.process.pid
+    assert process["pid"] == ops_server.pid
     assert process["rss_bytes"] > 50e6 and process["threads"] > 1 and process["open_fds"] > 3
     assert first["cpu"]["count"] >= 1 and first["memory"]["total_bytes"] > 0
     lag = wait_until(
