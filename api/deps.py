@@ -14,20 +14,23 @@ from config import Settings
 from infrastructure.rate_limit import QuestionRateLimiter, RateLimitExceededError, client_address
 from services.sessions import SessionStore
 
+# Dependencies are `async def` even where they do not await: FastAPI runs a plain `def` dependency in its
+# thread pool, a thread round trip per request for reading `app.state`.
 
-def get_agent(request: Request) -> DeFiAgent:
+
+async def get_agent(request: Request) -> DeFiAgent:
     """The agent built at start-up."""
     agent: DeFiAgent = request.app.state.agent
     return agent
 
 
-def get_sessions(request: Request) -> SessionStore:
+async def get_sessions(request: Request) -> SessionStore:
     """The session store built at start-up."""
     store: SessionStore = request.app.state.agent.sessions
     return store
 
 
-def get_app_settings(request: Request) -> Settings:
+async def get_app_settings(request: Request) -> Settings:
     """The settings the app was created with."""
     settings: Settings = request.app.state.settings
     return settings
@@ -44,7 +47,7 @@ async def spend_question_budget(request: Request, response: Response) -> None:
     response.headers.update(decision.headers())
 
 
-def get_monitoring(request: Request) -> Monitoring:
+async def get_monitoring(request: Request) -> Monitoring:
     """The request/answer windows, loop-lag monitor and system sampler of this process."""
     monitoring: Monitoring = request.app.state.monitoring
     return monitoring

@@ -17,7 +17,6 @@ import contextlib
 import hashlib
 import os
 import struct
-import tempfile
 import threading
 import time
 import unicodedata
@@ -153,6 +152,7 @@ class DiskCache:
         self._max_age_seconds = expiry_days * 86_400.0
         self._lock = threading.Lock()
         self._index: OrderedDict[str, None] = OrderedDict()
+        self._made_dirs: set[Path] = set()
         self.healthy = True
         self.last_error: str | None = None
         self.hits = 0
@@ -221,12 +221,17 @@ class DiskCache:
         path = self._path(key)
         temp_name: str | None = None
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            handle, temp_name = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+            if path.parent not in self._made_dirs:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self._made_dirs.add(path.parent)
+            # Unique per process and thread, so writers never share a temp file (cheaper than mkstemp's names).
+            temp_name = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+            handle = os.open(temp_name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             with os.fdopen(handle, "wb") as file:
                 file.write(_encode(vector))
             Path(temp_name).replace(path)
         except OSError as error:
+            self._made_dirs.discard(path.parent)  # recreate it next time (it may have been removed)
             if temp_name is not None:
                 with contextlib.suppress(OSError):
                     Path(temp_name).unlink()

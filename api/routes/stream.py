@@ -42,7 +42,7 @@ async def answer_events(agent: DeFiAgent, question: str, session: Session | None
         yield ServerSentEvent(data=event)
 
 
-def _stateless_question(body: AskRequest, agent: AgentDep) -> str:
+async def _stateless_question(body: AskRequest, agent: AgentDep) -> str:
     return agent.clean_question(body.question)
 
 
