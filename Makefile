@@ -48,7 +48,7 @@ format: $(DEV_STAMP)
 eval: $(RUNTIME_STAMP)
 	$(PY) -m scripts.evaluate
 
-bench: $(DEV_STAMP)
+bench: $(DEV_STAMP) system-deps
 	$(PY) -m bench.run
 
 clean:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install the Debian packages the test suite drives for real, when they are missing:
 # redis-server (shared state tests), chromium + chromium-driver (browser tests) and prometheus (its promtool
-# lints the /metrics output).
+# lints the /metrics output), and wrk (the benchmark's load generator for plain HTTP).
 set -euo pipefail
 
 missing=()
@@ -9,6 +9,7 @@ command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+command -v wrk >/dev/null 2>&1 || missing+=(wrk)
 
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0

@@ -184,6 +184,25 @@ class DiskCache:
         self.last_error = f"{action}: {error.strerror or error}"
         logger.warning("embedding_disk_cache_error", action=action, error=self.last_error)
 
+    def known(self, key: str) -> bool:
+        """Whether `key` is in this process's index (files found at start-up or written since).
+
+        A cheap check on the event loop before a thread reads the file. A file another process wrote after
+        this one started is not known, and so costs one recomputation here; Redis is the shared tier.
+        """
+        return key in self._index
+
+    def count_miss(self) -> None:
+        """Count a miss decided without reading a file (see `known`)."""
+        with self._lock:
+            self.misses += 1
+        EMBEDDING_CACHE_REQUESTS.labels(layer="disk", result="miss").inc()
+
+    def put_many(self, items: list[tuple[str, np.ndarray]]) -> None:
+        """`put` each (key, vector): one thread job for a whole model batch."""
+        for key, vector in items:
+            self.put(key, vector)
+
     def get(self, key: str) -> np.ndarray | None:
         """Return the stored vector, or None when absent, expired or damaged (damaged files are removed)."""
         vector = self._read(key)

@@ -259,9 +259,7 @@ class EmbeddingService:
         if vector is None:
             vector = await self._lookup_disk(key)
             if vector is None:
-                vector = await self._embed_batched(text, key)
-                if self.disk_cache is not None:
-                    asyncio.get_running_loop().run_in_executor(self._io_executor, self.disk_cache.put, key, vector)
+                vector = await self._embed_batched(text, key)  # the batcher writes it to disk
             if self.shared_cache is not None:
                 await self.shared_cache.put(key, vector)
         if self.memory_cache is not None:
@@ -270,6 +268,9 @@ class EmbeddingService:
 
     async def _lookup_disk(self, key: str) -> np.ndarray | None:
         if self.disk_cache is None:
+            return None
+        if not self.disk_cache.known(key):  # no thread round trip for a question never seen
+            self.disk_cache.count_miss()
             return None
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._io_executor, self.disk_cache.get, key)
@@ -312,6 +313,9 @@ class EmbeddingService:
             for item, vector in zip(batch, vectors, strict=True):
                 if not item.future.done():
                     item.future.set_result(vector)
+            if self.disk_cache is not None:
+                written = [(item.key, vector) for item, vector in zip(batch, vectors, strict=True)]
+                loop.run_in_executor(self._io_executor, self.disk_cache.put_many, written)
 
     def _drain_into(self, batch: list[_Pending]) -> None:
         assert self._queue is not None
