@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,18 @@ STARTUP_TIMEOUT_SECONDS = 420.0
 TEST_ENV = {"ENVIRONMENT": "test", "RATE_LIMIT_REQUESTS_PER_MINUTE": "1000000"}
 
 __all__ = ["ROOT", "free_port"]
+
+
+def poll_until(check: Callable[[], Any], timeout: float, interval: float = 0.1) -> Any:
+    """Call `check` until it returns something truthy and return that; AssertionError after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        time.sleep(interval)
 
 
 class ServerProcess(LocalServer):

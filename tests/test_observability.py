@@ -38,7 +38,7 @@ from infrastructure.performance import OutcomeWindow, RequestWindow, percentile
 from infrastructure.rate_limit import QuestionRateLimiter
 from middleware.errors import install_error_handlers
 from services.sessions import MemorySessionStore
-from tests.conftest import ServerProcess
+from tests.conftest import ServerProcess, poll_until
 from tests.test_browser import ARTIFACTS, Browser, browser  # noqa: F401  (the module-scoped Chromium fixture)
 
 ADMIN_TOKEN = "admin-" + uuid.uuid4().hex
@@ -92,14 +92,7 @@ def log_records(server: ServerProcess) -> list[dict[str, Any]]:
 
 
 def wait_until(check: Callable[[], Any], timeout: float = WAIT_SECONDS, interval: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        time.sleep(interval)
+    return poll_until(check, timeout, interval)
 
 
 def admin(server: ServerProcess, path: str) -> dict[str, Any]:

@@ -39,7 +39,7 @@ from infrastructure.redis_client import create_redis
 from services.embedding_cache import SharedCache, cache_key
 from services.embeddings import LocalMiniLMProvider
 from services.sessions import RedisSessionStore, SessionStoreUnavailableError, Turn
-from tests.conftest import ServerProcess, free_port
+from tests.conftest import ServerProcess, free_port, poll_until
 from tests.redis_server import REDIS_SERVER, RedisServer
 
 pytestmark = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed (make system-deps)")
@@ -114,14 +114,7 @@ def metric(server: ServerProcess, name: str, **labels: str) -> float:
 
 
 def wait_until(check: Callable[[], Any], timeout: float = WAIT_SECONDS, interval: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        time.sleep(interval)
+    return poll_until(check, timeout, interval)
 
 
 def assert_session_store_unavailable(response: httpx.Response) -> None:
@@ -286,7 +279,10 @@ def test_question_budget_is_exact_across_replicas(replicas: tuple[ServerProcess,
         responses = list(pool.map(ask, targets))
     assert Counter(response.status_code for response in responses) == {200: LIMIT, 429: EXTRA}
     remaining = sorted(int(r.headers["x-ratelimit-remaining"]) for r in responses if r.status_code == 200)
-    assert remaining == list(range(LIMIT))  # each allowed request saw the one shared count
+    # One shared count: every allowed request saw a count of its own or later (`limits` takes the hit and
+    # reads the window in two calls, so two concurrent requests may report the same remaining value),
+    # and the last one in saw the budget spent.
+    assert all(0 <= value < LIMIT for value in remaining) and 0 in remaining, remaining
     for refused in (r for r in responses if r.status_code == 429):
         assert set(refused.json()) == {"detail", "type", "code"}
         assert refused.json()["code"] == "rate_limited"

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -29,21 +28,6 @@ QUESTION = "What is impermanent loss?"
 ANSWERS = {
     entry.id: entry.answer for entry in load_knowledge_base(PROJECT_ROOT / "data" / "knowledge_base.json").entries
 }
-
-
-@pytest.fixture()
-def fake(openai_stack: OpenAIStack) -> Iterator[FakeOpenAIServer]:
-    """The fake API with fresh counts and no faults, cleaned up again after the test."""
-    openai_stack.fake.reset()
-    yield openai_stack.fake
-    openai_stack.fake.reset()
-
-
-@pytest.fixture()
-def client(openai_stack: OpenAIStack) -> Iterator[httpx.Client]:
-    """An httpx client bound to the server on the fake API."""
-    with httpx.Client(base_url=openai_stack.server.base_url, timeout=60.0) as http:
-        yield http
 
 
 def expected_answer(sources: list[dict[str, Any]]) -> str:

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -26,21 +26,6 @@ from tests.fake_openai import FakeOpenAIServer
 
 MAX_ATTEMPTS = 3  # OPENAI_MAX_RETRIES=2 in openai_env
 CORPUS_BATCH = 256
-
-
-@pytest.fixture()
-def fake(openai_stack: OpenAIStack) -> Iterator[FakeOpenAIServer]:
-    """The fake API with fresh counts and no faults, cleaned up again after the test."""
-    openai_stack.fake.reset()
-    yield openai_stack.fake
-    openai_stack.fake.reset()
-
-
-@pytest.fixture()
-def client(openai_stack: OpenAIStack) -> Iterator[httpx.Client]:
-    """An httpx client bound to the server on the fake API."""
-    with httpx.Client(base_url=openai_stack.server.base_url, timeout=60.0) as http:
-        yield http
 
 
 def unique_question() -> str:
