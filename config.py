@@ -66,6 +66,7 @@ class Settings(BaseSettings):
     embedding_batch_size: int = Field(default=32, ge=1, le=256)
     embedding_batch_window_ms: float = Field(default=2.0, ge=0.0, le=100.0)
     embedding_threads: int = Field(default=0, ge=0, le=64)
+    embedding_workers: int = Field(default=0, ge=0, le=16)
     cache_enabled: bool = True
     cache_dir: Path = PROJECT_ROOT / "cache"
     cache_max_size: int = Field(default=1000, ge=1)

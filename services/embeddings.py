@@ -198,6 +198,7 @@ class EmbeddingService:
         max_batch_size: int = 32,
         batch_window_ms: float = 2.0,
         shared_cache: SharedCache | None = None,
+        workers: int = 1,
     ) -> None:
         self.provider = provider
         self.memory_cache = memory_cache
@@ -205,7 +206,11 @@ class EmbeddingService:
         self.shared_cache = shared_cache
         self._max_batch_size = max_batch_size
         self._batch_window = batch_window_ms / 1000.0
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedder")
+        # Up to `workers` batches are embedded at once, each model call on its own thread (or request).
+        self._workers = max(1, workers)
+        self._executor = ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="embedder")
+        self._free_workers: asyncio.Semaphore | None = None
+        self._batches: set[asyncio.Task[None]] = set()
         self._io_executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="embedding-cache")
         self._queue: asyncio.Queue[_Pending] | None = None
         self._worker: asyncio.Task[None] | None = None
@@ -227,6 +232,7 @@ class EmbeddingService:
     async def start(self) -> None:
         """Start the batching worker on the running loop."""
         self._queue = asyncio.Queue()
+        self._free_workers = asyncio.Semaphore(self._workers)
         self._worker = asyncio.create_task(self._run_batches(), name="embedding-batcher")
 
     async def close(self) -> None:
@@ -235,6 +241,8 @@ class EmbeddingService:
             self._worker.cancel()
             with suppress(asyncio.CancelledError):
                 await self._worker
+        for task in list(self._batches):
+            task.cancel()
         self._executor.shutdown(wait=False, cancel_futures=True)
         self._io_executor.shutdown(wait=False, cancel_futures=True)
         if isinstance(self.provider, OpenAIProvider):
@@ -283,39 +291,61 @@ class EmbeddingService:
         return await future
 
     async def _run_batches(self) -> None:
-        assert self._queue is not None
-        loop = asyncio.get_running_loop()
+        """Collect queued questions into batches and hand each to a free worker.
+
+        A batch is collected only once a worker is free, so while every worker is busy the queue grows
+        and the next batch is larger: concurrency turns into batch size instead of waiting calls.
+        """
+        assert self._queue is not None and self._free_workers is not None
         while True:
-            batch = [await self._queue.get()]
-            self._drain_into(batch)
-            if len(batch) < self._max_batch_size and self._batch_window > 0:
-                await asyncio.sleep(self._batch_window)
+            await self._free_workers.acquire()
+            try:
+                batch = [await self._queue.get()]
                 self._drain_into(batch)
+                if len(batch) < self._max_batch_size and self._batch_window > 0:
+                    await asyncio.sleep(self._batch_window)
+                    self._drain_into(batch)
+            except BaseException:
+                self._free_workers.release()
+                raise
             batch = [item for item in batch if not item.future.done()]
             if not batch:
+                self._free_workers.release()
                 continue
-            try:
-                texts = [item.text for item in batch]
-                if isinstance(self.provider, AsyncEmbeddingProvider):
-                    vectors = await self._embed_now_async(self.provider, texts)
-                else:
-                    vectors = await loop.run_in_executor(self._executor, self._embed_now, texts)
-            except Exception as error:
-                self.last_error = str(error)
-                self.last_error_at = time.time()
-                logger.error("embedding_failed", error=str(error), batch_size=len(batch))
-                for item in batch:
-                    if not item.future.done():
-                        item.future.set_exception(EmbeddingError(str(error)))
-                continue
-            self.last_error = None
-            self.last_error_at = None
-            for item, vector in zip(batch, vectors, strict=True):
+            task = asyncio.create_task(self._embed_batch(batch), name="embedding-batch")
+            self._batches.add(task)
+            task.add_done_callback(self._batch_done)
+
+    def _batch_done(self, task: asyncio.Task[None]) -> None:
+        self._batches.discard(task)
+        assert self._free_workers is not None
+        self._free_workers.release()
+
+    async def _embed_batch(self, batch: list[_Pending]) -> None:
+        """Embed one batch and settle its futures; errors go to the waiting questions."""
+        loop = asyncio.get_running_loop()
+        try:
+            texts = [item.text for item in batch]
+            if isinstance(self.provider, AsyncEmbeddingProvider):
+                vectors = await self._embed_now_async(self.provider, texts)
+            else:
+                vectors = await loop.run_in_executor(self._executor, self._embed_now, texts)
+        except Exception as error:
+            self.last_error = str(error)
+            self.last_error_at = time.time()
+            logger.error("embedding_failed", error=str(error), batch_size=len(batch))
+            for item in batch:
                 if not item.future.done():
-                    item.future.set_result(vector)
-            if self.disk_cache is not None:
-                written = [(item.key, vector) for item, vector in zip(batch, vectors, strict=True)]
-                loop.run_in_executor(self._io_executor, self.disk_cache.put_many, written)
+                    item.future.set_exception(EmbeddingError(str(error)))
+            return
+        self.last_error = None
+        self.last_error_at = None
+        for item, vector in zip(batch, vectors, strict=True):
+            if not item.future.done():
+                item.future.set_result(vector)
+        if self.disk_cache is not None:
+            written = [(item.key, vector) for item, vector in zip(batch, vectors, strict=True)]
+            loop.run_in_executor(self._io_executor, self.disk_cache.put_many, written)
 
     def _drain_into(self, batch: list[_Pending]) -> None:
         assert self._queue is not None

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from agents.factory import embedding_parallelism
 from config import Settings
 from tests.conftest import ROOT
 
@@ -87,3 +88,19 @@ def _same_number(left: str, right: str) -> bool:
         return float(left) == float(right)
     except ValueError:
         return False
+
+
+@pytest.mark.parametrize(
+    ("env", "cores", "expected"),
+    [
+        ({}, 2, (2, 1)),  # local model: one single-threaded call per core
+        ({}, 1, (1, 1)),
+        ({}, 16, (4, 1)),  # at most 4 calls at once
+        ({"EMBEDDING_WORKERS": "1"}, 2, (1, 2)),  # one call using both cores (the former behaviour)
+        ({"EMBEDDING_WORKERS": "2", "EMBEDDING_THREADS": "3"}, 2, (2, 3)),
+        ({"EMBEDDING_PROVIDER": "openai", "OPENAI_API_KEY": "k"}, 2, (4, 1)),  # concurrent remote requests
+    ],
+)
+def test_embedding_parallelism(env: dict[str, str], cores: int, expected: tuple[int, int]) -> None:
+    settings = Settings(_env_file=None, **{name.lower(): value for name, value in env.items()})  # type: ignore[call-arg]
+    assert embedding_parallelism(settings, cores=cores) == expected
