@@ -1,8 +1,9 @@
-"""The question-answering graph: validate -> contextualize -> embed -> retrieve -> decide -> compose -> emit.
+"""The question-answering graph: understand -> embed -> retrieve -> decide -> compose_answer | compose_no_match.
 
 Nodes are async functions over the typed state that return only the keys they change. When the
-caller streams (`streaming=True`), the `emit` node writes `metadata` and `word` events through
-LangGraph's custom stream; `ainvoke` callers get the final state and no events.
+caller streams (`streaming=True`), the compose nodes write `metadata` and `word` events through
+LangGraph's custom stream; `ainvoke` callers get the final state and no events. Steps are only as
+fine as they need to be: each node costs a fixed scheduling overhead in LangGraph (docs/performance.md).
 
 In generative mode a matched question goes to `generate` instead: a chat model writes the answer from the
 top entries, and the node streams it as whole words while it is generated (its `metadata` comes first,
@@ -101,11 +102,10 @@ def build_graph(
 ) -> CompiledStateGraph[AgentState, None, InputState, AgentState]:
     """Compile the agent graph over the given services (`generator`: generative answers, else extractive)."""
 
-    async def validate(state: AgentState) -> dict[str, Any]:
-        return {"question": clean_question(state["question"], settings.question_max_chars)}
-
-    async def contextualize(state: AgentState) -> dict[str, Any]:
-        question, previous = state["question"], state.get("previous_question")
+    async def understand(state: AgentState) -> dict[str, Any]:
+        """Validate the question again (the graph is safe on its own), then resolve a follow-up."""
+        question = clean_question(state["question"], settings.question_max_chars)
+        previous = state.get("previous_question")
         candidates = [resolve_follow_up(question, previous), question]
         if generator is not None and previous:
             try:
@@ -115,7 +115,7 @@ def build_graph(
                 rewritten = None
             if rewritten:
                 candidates.insert(0, rewritten[: settings.question_max_chars])
-        return {"candidates": list(dict.fromkeys(candidates))}
+        return {"question": question, "candidates": list(dict.fromkeys(candidates))}
 
     async def embed(state: AgentState) -> dict[str, Any]:
         vectors = await asyncio.gather(*(embeddings.embed_query(text) for text in state["candidates"]))
@@ -136,27 +136,12 @@ def build_graph(
             return "generate" if generator is not None else "compose_answer"
         return "compose_no_match"
 
-    async def compose_answer(state: AgentState) -> dict[str, Any]:
-        return {
-            "answer": state["matches"][0].entry.answer,
-            "sources": _sources(state["matches"]),
-            "processing_stage": "response_complete",
-            "error": None,
-        }
-
-    async def compose_no_match(state: AgentState) -> dict[str, Any]:
-        return {
-            "answer": no_match_answer(state["matches"]),
-            "sources": [],
-            "processing_stage": "no_match",
-            "error": None,
-        }
-
-    async def emit(state: AgentState) -> dict[str, Any]:
+    async def emit(state: AgentState, answer: str, sources: list[dict[str, object]]) -> None:
+        """When streaming: one `metadata` event, then one `word` event per word of the finished answer."""
         if not state.get("streaming"):
-            return {}
+            return
         write = get_stream_writer()
-        words = state["answer"].split()
+        words = answer.split()
         confidence = state["confidence"]
         write(
             {
@@ -164,14 +149,23 @@ def build_graph(
                 "session_id": state.get("session_id"),
                 "total_words": len(words),
                 "confidence": confidence,
-                "sources": state["sources"],
+                "sources": sources,
             }
         )
         for index, word in enumerate(words):
             if settings.word_delay_seconds > 0:
                 await asyncio.sleep(settings.word_delay_seconds)
             write({"type": "word", "content": word, "index": index, "confidence": confidence})
-        return {}
+
+    async def compose_answer(state: AgentState) -> dict[str, Any]:
+        answer, sources = state["matches"][0].entry.answer, _sources(state["matches"])
+        await emit(state, answer, sources)
+        return {"answer": answer, "sources": sources, "processing_stage": "response_complete", "error": None}
+
+    async def compose_no_match(state: AgentState) -> dict[str, Any]:
+        answer = no_match_answer(state["matches"])
+        await emit(state, answer, [])
+        return {"answer": answer, "sources": [], "processing_stage": "no_match", "error": None}
 
     async def generate(state: AgentState) -> dict[str, Any]:
         assert generator is not None
@@ -227,21 +221,17 @@ def build_graph(
         }
 
     graph = StateGraph(AgentState, input_schema=InputState)
-    graph.add_node("validate", _timed("validate", validate))
-    graph.add_node("contextualize", _timed("contextualize", contextualize))
+    graph.add_node("understand", _timed("understand", understand))
     graph.add_node("embed", _timed("embed", embed))
     graph.add_node("retrieve", _timed("retrieve", retrieve))
     graph.add_node("compose_answer", _timed("compose_answer", compose_answer))
     graph.add_node("compose_no_match", _timed("compose_no_match", compose_no_match))
     graph.add_node("generate", _timed("generate", generate))
-    graph.add_node("emit", _timed("emit", emit))
-    graph.add_edge(START, "validate")
-    graph.add_edge("validate", "contextualize")
-    graph.add_edge("contextualize", "embed")
+    graph.add_edge(START, "understand")
+    graph.add_edge("understand", "embed")
     graph.add_edge("embed", "retrieve")
     graph.add_conditional_edges("retrieve", decide)
-    graph.add_edge("compose_answer", "emit")
-    graph.add_edge("compose_no_match", "emit")
+    graph.add_edge("compose_answer", END)
+    graph.add_edge("compose_no_match", END)
     graph.add_edge("generate", END)  # streams its own events while the model writes
-    graph.add_edge("emit", END)
     return graph.compile()
