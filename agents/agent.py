@@ -9,18 +9,39 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 import structlog
+from cachetools import LRUCache
 
 from agents.graph import AgentSettings, build_graph
 from agents.state import AgentState, InputState
 from agents.validation import clean_question
 from infrastructure.logging import truncate_for_log
-from infrastructure.metrics import AGENT_CONFIDENCE, AGENT_PROCESSING, AGENT_QUERIES
+from infrastructure.metrics import AGENT_CONFIDENCE, AGENT_PROCESSING, AGENT_QUERIES, ANSWER_CACHE_REQUESTS
 from services.embeddings import EmbeddingError, EmbeddingService
 from services.generation import AnswerGenerator
 from services.retrieval import Retriever
 from services.sessions import Session, SessionStore, SessionStoreUnavailableError, Turn
 
 logger = structlog.get_logger(__name__)
+
+
+AnswerKey = tuple[str, str | None]
+"""What an extractive answer depends on: the question and the previous turn's resolved question."""
+
+
+def _outcome_of(state: AgentState) -> AgentState:
+    """The part of a final state an answer is made from (no vectors or matches kept in the cache)."""
+    return {
+        "question": state["question"],
+        "previous_question": state["previous_question"],
+        "session_id": None,
+        "streaming": False,
+        "resolved_question": state["resolved_question"],
+        "confidence": state["confidence"],
+        "processing_stage": state["processing_stage"],
+        "answer": state["answer"],
+        "sources": state["sources"],
+        "error": state.get("error"),
+    }
 
 
 OutcomeListener = Callable[[str, float | None], None]
@@ -55,6 +76,7 @@ class DeFiAgent:
         sessions: SessionStore,
         settings: AgentSettings,
         generator: AnswerGenerator | None = None,
+        answer_cache_size: int = 0,
     ) -> None:
         self.embeddings = embeddings
         self.retriever = retriever
@@ -63,6 +85,11 @@ class DeFiAgent:
         self.generator = generator
         self._graph = build_graph(embeddings, retriever, settings, generator)
         self.on_outcome: OutcomeListener | None = None
+        # Extractive answers are a pure function of (question, previous question) over a knowledge base that
+        # never changes while the process runs, so a repeated question skips the graph. Generated ones are not.
+        self._answers: LRUCache[AnswerKey, AgentState] | None = (
+            LRUCache(answer_cache_size) if answer_cache_size > 0 and generator is None else None
+        )
 
     def clean_question(self, raw: object) -> str:
         """Validate and strip a question (raises InvalidQuestionError)."""
@@ -71,7 +98,7 @@ class DeFiAgent:
     async def answer(self, question: str, session: Session | None = None) -> AgentResult:
         """Answer one question; inside `session` the previous turn gives follow-ups their context."""
         async with self._session_lock(session):
-            state = await self._run(self._input(question, session, streaming=False))
+            state = await self._final_state(self._input(question, session, streaming=False))
             return await self._finish(question, state, session)
 
     async def stream(self, question: str, session: Session | None = None) -> AsyncIterator[dict[str, Any]]:
@@ -132,15 +159,27 @@ class DeFiAgent:
             "streaming": streaming,
         }
 
-    async def _run(self, state: InputState) -> AgentState:
+    async def _final_state(self, state: InputState) -> AgentState:
+        """Run the graph, or reuse the outcome of an identical earlier run from the answer cache."""
         started = time.perf_counter()
+        key: AnswerKey = (state["question"], state["previous_question"])
+        final = self._answers.get(key) if self._answers is not None else None
+        if self._answers is not None:
+            ANSWER_CACHE_REQUESTS.labels(result="miss" if final is None else "hit").inc()
+        if final is None:
+            final = await self._run(state)
+            if self._answers is not None:
+                self._answers[key] = _outcome_of(final)
+        AGENT_PROCESSING.observe(time.perf_counter() - started)
+        return final
+
+    async def _run(self, state: InputState) -> AgentState:
         try:
             final: AgentState = await self._graph.ainvoke(state)  # type: ignore[assignment]
         except EmbeddingError as error:
             self._count("error", None)
             logger.error("agent_failed", error=str(error))
             raise AgentUnavailableError("The embedding model is unavailable; please retry shortly.") from error
-        AGENT_PROCESSING.observe(time.perf_counter() - started)
         return final
 
     async def _finish(self, question: str, state: AgentState, session: Session | None) -> AgentResult:

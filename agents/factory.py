@@ -123,6 +123,7 @@ def build_agent(settings: Settings, knowledge_base: KnowledgeBase, redis: Redis 
             context_entries=settings.answer_context_entries,
         ),
         build_generator(settings),
+        answer_cache_size=settings.cache_max_size if settings.agent_cache_enabled else 0,
     )
     logger.info(
         "agent_built",

@@ -56,6 +56,9 @@ EMBEDDING_BATCH_SIZE = Histogram(
 EMBEDDING_CACHE_REQUESTS = Counter(
     "embedding_cache_requests_total", "Embedding cache look-ups by layer and result.", ["layer", "result"]
 )
+ANSWER_CACHE_REQUESTS = Counter(
+    "answer_cache_requests_total", "Look-ups of whole extractive answers (question + previous turn).", ["result"]
+)
 ANSWER_GENERATIONS = Counter(
     "answer_generations_total",
     "Generative answers by result: `generated`, or the fallback reason (timeout, server_error, ...).",

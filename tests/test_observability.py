@@ -190,36 +190,68 @@ def test_agent_outcomes_and_confidence_counted(server: ServerProcess) -> None:
     assert delta("http_requests_total", method="POST", route="/ask", status="200") == 2
 
 
+def embedding_lookups(old: Samples, new: Samples, layer: str, result: str) -> float:
+    labels = {"layer": layer, "result": result}
+    return value(new, "embedding_cache_requests_total", **labels) - value(
+        old, "embedding_cache_requests_total", **labels
+    )
+
+
+def model_calls(samples: Samples) -> float:
+    return value(samples, "embedding_seconds_count", provider="local")
+
+
 def test_repeated_question_is_a_memory_cache_hit(server: ServerProcess) -> None:
+    """Streams skip the answer cache, so a repeat over SSE shows the embedding cache's memory layer at work."""
+    question = unique_question()
+    before = scrape(server)
+    first = ask(server, question)
+    middle = scrape(server)
+    second = ask(server, question, path="/ask-stream")
+    after = scrape(server)
+    assert second.status_code == 200
+    assert first.status_code == 200 and '"type":"complete"' in second.text.replace(" ", "")
+
+    # First time: missed in memory and on disk, so the model ran once.
+    assert [embedding_lookups(before, middle, "memory", "miss"), embedding_lookups(before, middle, "disk", "miss")] == [
+        1,
+        1,
+    ]
+    assert embedding_lookups(before, middle, "memory", "hit") == 0
+    assert model_calls(middle) - model_calls(before) == 1
+    # Second time: straight from memory; the disk and the model are not touched.
+    assert embedding_lookups(middle, after, "memory", "hit") == 1
+    assert embedding_lookups(middle, after, "memory", "miss") == 0
+    assert embedding_lookups(middle, after, "disk", "miss") + embedding_lookups(middle, after, "disk", "hit") == 0
+    assert model_calls(after) == model_calls(middle)
+
+
+def test_repeated_question_is_answered_from_the_answer_cache(server: ServerProcess) -> None:
+    """A repeated /ask skips the graph: same body, no embedding look-up, yet counted like any answer."""
     question = unique_question()
     before = scrape(server)
     first = ask(server, question)
     middle = scrape(server)
     second = ask(server, question)
     after = scrape(server)
-    assert first.json()["answer"] == second.json()["answer"]
+    assert second.status_code == 200
+    assert second.json() == first.json()
+    assert first.json()["sources"][0]["id"] == "what-are-flash-loans"
 
-    def delta(old: Samples, new: Samples, layer: str, result: str) -> float:
-        labels = {"layer": layer, "result": result}
-        return value(new, "embedding_cache_requests_total", **labels) - value(
-            old, "embedding_cache_requests_total", **labels
+    def answer_cache(old: Samples, new: Samples, result: str) -> float:
+        return value(new, "answer_cache_requests_total", result=result) - value(
+            old, "answer_cache_requests_total", result=result
         )
 
-    # First time: missed in memory and on disk, so the model ran once.
-    assert [delta(before, middle, "memory", "miss"), delta(before, middle, "disk", "miss")] == [1, 1]
-    assert delta(before, middle, "memory", "hit") == 0
-    assert (
-        value(middle, "embedding_seconds_count", provider="local")
-        - value(before, "embedding_seconds_count", provider="local")
-        == 1
+    assert [answer_cache(before, middle, "miss"), answer_cache(before, middle, "hit")] == [1, 0]
+    assert [answer_cache(middle, after, "miss"), answer_cache(middle, after, "hit")] == [0, 1]
+    assert embedding_lookups(middle, after, "memory", "hit") + embedding_lookups(middle, after, "memory", "miss") == 0
+    assert model_calls(after) == model_calls(middle)
+    answered = value(after, "agent_queries_total", outcome="answered") - value(
+        middle, "agent_queries_total", outcome="answered"
     )
-    # Second time: straight from memory; the disk and the model are not touched.
-    assert delta(middle, after, "memory", "hit") == 1
-    assert delta(middle, after, "memory", "miss") == 0
-    assert delta(middle, after, "disk", "miss") + delta(middle, after, "disk", "hit") == 0
-    assert value(after, "embedding_seconds_count", provider="local") == value(
-        middle, "embedding_seconds_count", provider="local"
-    )
+    assert answered == 1
+    assert value(after, "agent_processing_seconds_count") - value(middle, "agent_processing_seconds_count") == 1
 
 
 def test_rate_limit_rejections_counted(open_production_server: ServerProcess) -> None:
