@@ -24,13 +24,15 @@ _SESSION_ERRORS: dict[int | str, dict[str, object]] = {
 
 
 def _to_response(result: AgentResult) -> AskResponse:
-    return AskResponse(
-        answer=result.answer,
-        confidence=result.confidence,
-        processing_stage=result.processing_stage,  # type: ignore[arg-type]
-        error=result.error,
-        session_id=result.session_id,
-        sources=[Source.model_validate(source) for source in result.sources],
+    return AskResponse.model_validate(  # one validation of the whole response, sources included
+        {
+            "answer": result.answer,
+            "confidence": result.confidence,
+            "processing_stage": result.processing_stage,
+            "error": result.error,
+            "session_id": result.session_id,
+            "sources": result.sources,
+        }
     )
 
 
