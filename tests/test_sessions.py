@@ -39,6 +39,17 @@ def test_follow_up_uses_previous_turn(client: httpx.Client) -> None:
     assert "Aave" in follow_up["answer"]
 
 
+def test_repeated_follow_up_keeps_its_own_context(client: httpx.Client) -> None:
+    """The same follow-up after different openers, twice over: the answer cache must key on the previous turn."""
+    for _ in range(2):  # the second round is answered from the answer cache
+        for opener, expected in (("What is Aave?", "aave-risks"), ("What is yield farming?", "yield-farming-risks")):
+            first = ask(client, opener)
+            follow_up = ask(client, "what are its risks?", str(first["session_id"]))
+            assert follow_up["sources"][0]["id"] == expected
+            turns = client.get(f"/v2/sessions/{first['session_id']}").json()["turns"]
+            assert [turn["question"] for turn in turns] == [opener, "what are its risks?"]
+
+
 def test_follow_up_without_session_has_no_context(client: httpx.Client) -> None:
     response = client.post("/ask", json={"question": "what are its risks?"}).json()
     assert response["session_id"] is None
