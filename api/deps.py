@@ -40,7 +40,7 @@ async def spend_question_budget(request: Request, response: Response) -> None:
     """Charge one question to the client's budget; 429 when it is spent. Sets X-RateLimit-* headers."""
     limiter: QuestionRateLimiter = request.app.state.rate_limiter
     peer = request.client.host if request.client else None
-    key = client_address(peer, dict(request.headers), request.app.state.trusted_networks)
+    key = client_address(peer, request.headers, request.app.state.trusted_networks)
     decision = await limiter.spend(key)
     if not decision.allowed:
         raise RateLimitExceededError(decision)

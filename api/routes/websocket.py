@@ -49,7 +49,7 @@ class ChatConnection:
         state = websocket.app.state
         self.rate_limiter: QuestionRateLimiter = state.rate_limiter
         peer = websocket.client.host if websocket.client else None
-        self.client_key = client_address(peer, dict(websocket.headers), state.trusted_networks)
+        self.client_key = client_address(peer, websocket.headers, state.trusted_networks)
         self.questions: asyncio.Queue[str] = asyncio.Queue(maxsize=settings.ws_max_queued_questions)
         self.current_answer: asyncio.Task[None] | None = None
         self.last_heard = time.monotonic()
