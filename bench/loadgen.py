@@ -2,7 +2,8 @@
 
 Every phase runs `concurrency` workers; each sends a request, waits for the whole answer, and sends
 the next, until the phase's deadline or its request budget. Throughput is completed answers divided
-by the time from the first request to the last answer.
+by the time from the first request to the last answer. With wrk it is the answers completed in
+wrk's run divided by wrk's run time: requests still in flight at the deadline are not counted.
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ import json
 import os
 import re
 import shutil
+import signal
 import tempfile
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from string import Template
 from typing import Any
 
 import httpx
@@ -50,6 +53,21 @@ class QuestionPool:
 
     def take_many(self, count: int) -> list[str]:
         return [self.take() for _ in range(count)]
+
+    @property
+    def fresh(self) -> int:
+        """How many questions were never handed out (0 once the file has wrapped)."""
+        return len(self._questions) - self._next if self.wraps == 0 else 0
+
+    def upcoming(self, count: int) -> list[str]:
+        """Up to `count` of the next fresh questions, not taken: `skip` the ones a phase used."""
+        return self._questions[self._next : self._next + min(count, self.fresh)]
+
+    def skip(self, count: int) -> None:
+        """Mark the next `count` fresh questions as used."""
+        if not 0 <= count <= self.fresh:
+            raise ValueError(f"cannot skip {count} questions, {self.fresh} fresh")
+        self._next += count
 
     @property
     def used(self) -> int:
@@ -350,10 +368,40 @@ async def many_websockets(url: str, questions: list[str], limit_seconds: float) 
 
 # ------------------------------------------------------------------------------------- wrk (optional)
 
-_WRK_SCRIPT = """
-wrk.method = "{method}"
+# Lua for wrk, filled in with string.Template ($method, $bodies). Every script shares _WRK_DONE: wrk
+# calls `setup` (main Lua state) once per thread and `done` once at the end; the thread's own
+# globals are read back with thread:get, and os.clock() is wrk's CPU time (all its threads).
+_WRK_DONE = """
+local threads = {}
+function setup(thread)
+  table.insert(threads, thread)
+end
+local function thread_sum(name)
+  local total = 0
+  for _, thread in ipairs(threads) do
+    total = total + (thread:get(name) or 0)
+  end
+  return total
+end
+function done(summary, latency, requests)
+  local errors = summary.errors.connect + summary.errors.read + summary.errors.write
+               + summary.errors.status + summary.errors.timeout
+  io.write(string.format(
+    "WRK_JSON {\\"requests\\": %d, \\"duration_us\\": %d, \\"errors\\": %d, \\"status_errors\\": %d, "
+    .. "\\"socket_errors\\": %d, \\"p50_us\\": %d, \\"p95_us\\": %d, \\"p99_us\\": %d, \\"mean_us\\": %d, "
+    .. "\\"max_us\\": %d, \\"cpu_us\\": %d, \\"sent\\": %d, \\"answered\\": %d, \\"failed\\": %d, "
+    .. "\\"exhausted\\": %d}\\n",
+    summary.requests, summary.duration, errors, summary.errors.status, errors - summary.errors.status,
+    latency:percentile(50), latency:percentile(95), latency:percentile(99), latency.mean, latency.max,
+    os.clock() * 1e6, thread_sum("sent"), thread_sum("answered"), thread_sum("failed"), thread_sum("exhausted")))
+end
+"""
+
+# GET the URL, or POST `bodies` over and over (for a cached answer, say).
+_WRK_CYCLE = """
+wrk.method = "$method"
 wrk.headers["Content-Type"] = "application/json"
-local bodies = {bodies}
+local bodies = $bodies
 local next_body = 0
 if #bodies > 0 then
   request = function()
@@ -361,16 +409,58 @@ if #bodies > 0 then
     return wrk.format(nil, nil, nil, bodies[next_body])
   end
 end
-done = function(summary, latency, requests)
-  local errors = summary.errors.connect + summary.errors.read + summary.errors.write
-               + summary.errors.status + summary.errors.timeout
-  io.write(string.format(
-    "WRK_JSON {{\\"requests\\": %d, \\"duration_us\\": %d, \\"errors\\": %d, \\"status_errors\\": %d, "
-    .. "\\"p50_us\\": %d, \\"p95_us\\": %d, \\"p99_us\\": %d, \\"mean_us\\": %d, \\"max_us\\": %d}}\\n",
-    summary.requests, summary.duration, errors, summary.errors.status,
-    latency:percentile(50), latency:percentile(95), latency:percentile(99), latency.mean, latency.max))
+"""
+
+# POST each body at most once, in order. wrk calls delay() before every request of the run: it
+# clears the connection to send the next body, or, once every body is out, parks it (a delay of an
+# hour: it sends nothing more). When the last answer is in, the thread stops and prints
+# WRK_EXHAUSTED so that the caller ends wrk at once (its main thread would sleep to the deadline).
+# wrk also calls request() once before the run, without delay(), only to check the request's
+# syntax: that call gets a GET /health, so that nothing could ever be sent twice.
+_WRK_ONCE = """
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+local bodies = $bodies
+local cleared = 0  -- connections cleared by delay() to send a body, not sent yet
+sent = 0           -- bodies sent
+answered = 0       -- 200 responses carrying an answer
+failed = 0         -- any other response
+exhausted = 0      -- 1 once every body was sent
+local function stop_when_drained()
+  if exhausted == 1 and cleared == 0 and answered + failed == sent then
+    wrk.thread:stop()
+    io.write("WRK_EXHAUSTED\\n")
+    io.flush()
+  end
+end
+delay = function()
+  if sent + cleared < #bodies then
+    cleared = cleared + 1
+    return 0
+  end
+  exhausted = 1
+  stop_when_drained()
+  return 3600000
+end
+request = function()
+  if cleared == 0 then
+    return wrk.format("GET", "/health")
+  end
+  cleared = cleared - 1
+  sent = sent + 1
+  return wrk.format(nil, nil, nil, bodies[sent])
+end
+response = function(status, headers, body)
+  if status == 200 and string.find(body, '"answer"', 1, true) then
+    answered = answered + 1
+  else
+    failed = failed + 1
+  end
+  stop_when_drained()
 end
 """
+
+_EXHAUSTED_MARKER = "WRK_EXHAUSTED"
 
 
 def wrk_path() -> str | None:
@@ -381,55 +471,80 @@ def _lua_string(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
 
 
-async def run_wrk(url: str, concurrency: int, duration: float, bodies: list[str] | None = None) -> dict[str, Any]:
-    """One wrk run (1 thread, `concurrency` connections): GET, or POST cycling through `bodies`.
+def _lua_list(texts: list[str]) -> str:
+    return "{" + ", ".join(_lua_string(text) for text in texts) + "}"
 
-    Returns figures in the same shape as `PhaseOutcome.to_json()`.
-    """
+
+async def _read_wrk_output(process: asyncio.subprocess.Process) -> tuple[str, str]:
+    """wrk's stdout and stderr; interrupt wrk (SIGINT: it reports and exits) once its script is exhausted."""
+    assert process.stdout is not None and process.stderr is not None
+    stdout = process.stdout
+    lines: list[str] = []
+
+    async def read_stdout() -> None:
+        async for raw in stdout:
+            line = raw.decode(errors="replace")
+            lines.append(line)
+            if line.startswith(_EXHAUSTED_MARKER):
+                with contextlib.suppress(ProcessLookupError):  # it may have just ended at its deadline
+                    process.send_signal(signal.SIGINT)
+
+    _, stderr = await asyncio.gather(read_stdout(), process.stderr.read())
+    await process.wait()
+    return "".join(lines), stderr.decode(errors="replace")
+
+
+async def _run_wrk_script(url: str, concurrency: int, duration: float, script: str) -> dict[str, Any]:
+    """Run wrk (1 thread, `concurrency` connections) with a Lua script; the WRK_JSON figures it printed."""
     executable = wrk_path()
     if executable is None:
         raise RuntimeError("wrk is not installed")
-    method = "POST" if bodies else "GET"
-    lua_bodies = "{" + ", ".join(_lua_string(body) for body in bodies or []) + "}"
-    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
-        script.write(_WRK_SCRIPT.format(method=method, bodies=lua_bodies))
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script_file:
+        script_file.write(script + _WRK_DONE)
     seconds = max(1, round(duration))
+    process = await asyncio.create_subprocess_exec(
+        executable,
+        "-t1",
+        f"-c{concurrency}",
+        f"-d{seconds}s",
+        "--timeout",
+        "30s",
+        "-s",
+        script_file.name,
+        url,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     try:
-        process = await asyncio.create_subprocess_exec(
-            executable,
-            "-t1",
-            f"-c{concurrency}",
-            f"-d{seconds}s",
-            "--timeout",
-            "30s",
-            "-s",
-            script.name,
-            url,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        stdout_bytes, stderr_bytes = await asyncio.wait_for(process.communicate(), seconds + 60)
+        stdout, stderr = await asyncio.wait_for(_read_wrk_output(process), seconds + 60)
     finally:
-        os.unlink(script.name)
-    stdout, stderr = stdout_bytes.decode(errors="replace"), stderr_bytes.decode(errors="replace")
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        os.unlink(script_file.name)
     match = re.search(r"^WRK_JSON (\{.*\})$", stdout, re.MULTILINE)
     if process.returncode != 0 or match is None:
         raise RuntimeError(f"wrk failed ({process.returncode}): {stdout[-500:]} {stderr[-500:]}")
-    figures = json.loads(match.group(1))
+    figures: dict[str, Any] = json.loads(match.group(1))
+    return figures
+
+
+def _wrk_phase(figures: dict[str, Any], concurrency: int, completed: int, errors: int) -> dict[str, Any]:
+    """wrk's figures in the shape of `PhaseOutcome.to_json()`, plus "tool": "wrk"."""
     elapsed = figures["duration_us"] / 1e6
-    ok = figures["requests"] - figures["status_errors"]
 
     def ms(key: str) -> float:
         return round(figures[key] / 1000.0, 2)
 
     return {
         "tool": "wrk",
+        "wrk_cpu_s": round(figures["cpu_us"] / 1e6, 3),
         "concurrency": concurrency,
         "elapsed_s": round(elapsed, 3),
-        "completed": ok,
-        "errors": figures["errors"],
-        "error_kinds": {"wrk socket/status errors": figures["errors"]} if figures["errors"] else {},
-        "throughput_per_s": round(ok / elapsed, 2) if elapsed > 0 else 0.0,
+        "completed": completed,
+        "errors": errors,
+        "error_kinds": {"wrk socket/status errors": errors} if errors else {},
+        "throughput_per_s": round(completed / elapsed, 2) if elapsed > 0 else 0.0,
         "latency_ms": {
             "latency": {
                 "p50": ms("p50_us"),
@@ -439,6 +554,34 @@ async def run_wrk(url: str, concurrency: int, duration: float, bodies: list[str]
                 "max": ms("max_us"),
             }
         },
+    }
+
+
+async def run_wrk(url: str, concurrency: int, duration: float, bodies: list[str] | None = None) -> dict[str, Any]:
+    """One wrk run for `duration` seconds: GET, or POST cycling through `bodies`."""
+    script = Template(_WRK_CYCLE).substitute(method="POST" if bodies else "GET", bodies=_lua_list(bodies or []))
+    figures = await _run_wrk_script(url, concurrency, duration, script)
+    return _wrk_phase(figures, concurrency, figures["requests"] - figures["status_errors"], figures["errors"])
+
+
+async def run_wrk_once(url: str, concurrency: int, duration: float, bodies: list[str]) -> dict[str, Any]:
+    """One wrk run POSTing each of `bodies` at most once, in order, for `duration` or until all are answered.
+
+    Adds `bodies` (offered), `bodies_sent` and `exhausted` (every body was sent; the run then ended
+    with the last answer) to the phase figures; `completed` counts 200 responses carrying an answer.
+    At the deadline, as in every wrk run, answers still in flight are not counted. The elapsed time
+    is wrk's own run time.
+    """
+    if not bodies:
+        raise ValueError("run_wrk_once needs at least one body")
+    script = Template(_WRK_ONCE).substitute(bodies=_lua_list(bodies))
+    figures = await _run_wrk_script(url, concurrency, duration, script)
+    errors = figures["socket_errors"] + figures["failed"]
+    return {
+        **_wrk_phase(figures, concurrency, figures["answered"], errors),
+        "bodies": len(bodies),
+        "bodies_sent": figures["sent"],
+        "exhausted": bool(figures["exhausted"]),
     }
 
 
@@ -575,5 +718,7 @@ async def measured(
     before = await scrape_metrics(client)
     async with ResourceSampler(server) as sampler:
         result = await body()
+    # wrk, a child process, is not watched by the sampler: its CPU time is its own report.
+    sampler.client_cpu += result.get("wrk_cpu_s", 0.0)
     after = await settled_metrics(client)
     return {**result, "resources": sampler.to_json(), "server_metrics": metric_delta(before, after)}
