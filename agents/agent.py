@@ -18,7 +18,7 @@ from infrastructure.logging import truncate_for_log
 from infrastructure.metrics import AGENT_CONFIDENCE, AGENT_PROCESSING, AGENT_QUERIES, ANSWER_CACHE_REQUESTS
 from services.embeddings import EmbeddingError, EmbeddingService
 from services.generation import AnswerGenerator
-from services.retrieval import Retriever
+from services.retrieval import BatchedRetriever, Retriever
 from services.sessions import Session, SessionStore, SessionStoreUnavailableError, Turn
 
 logger = structlog.get_logger(__name__)
@@ -83,7 +83,7 @@ class DeFiAgent:
         self.sessions = sessions
         self.settings = settings
         self.generator = generator
-        self._graph = build_graph(embeddings, retriever, settings, generator)
+        self._graph = build_graph(embeddings, BatchedRetriever(retriever, settings.max_results), settings, generator)
         self.on_outcome: OutcomeListener | None = None
         # Extractive answers are a pure function of (question, previous question) over a knowledge base that
         # never changes while the process runs, so a repeated question skips the graph. Generated ones are not.

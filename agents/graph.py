@@ -33,7 +33,7 @@ from agents.words import WordRegrouper
 from infrastructure.metrics import AGENT_NODE_DURATION, ANSWER_GENERATIONS
 from services.embeddings import EmbeddingService
 from services.generation import AnswerGenerator, GenerationError, Passage
-from services.retrieval import Match, Retriever
+from services.retrieval import BatchedRetriever, Match
 
 logger = structlog.get_logger(__name__)
 
@@ -96,7 +96,7 @@ def _unknown_citations(words: list[str], entries: int) -> list[int]:
 
 def build_graph(
     embeddings: EmbeddingService,
-    retriever: Retriever,
+    retriever: BatchedRetriever,
     settings: AgentSettings,
     generator: AnswerGenerator | None = None,
 ) -> CompiledStateGraph[AgentState, None, InputState, AgentState]:
@@ -123,8 +123,8 @@ def build_graph(
 
     async def retrieve(state: AgentState) -> dict[str, Any]:
         best_text, best_matches = "", list[Match]()
-        for text, vector in zip(state["candidates"], state["vectors"], strict=True):
-            matches = retriever.search(vector, text, settings.max_results)
+        ranked = await retriever.search(state["vectors"], state["candidates"])
+        for text, matches in zip(state["candidates"], ranked, strict=True):
             if not best_matches or (matches and matches[0].score > best_matches[0].score):
                 best_text, best_matches = text, matches
         confidence = best_matches[0].score if best_matches else 0.0

@@ -210,6 +210,7 @@ class EmbeddingService:
         self._workers = max(1, workers)
         self._executor = ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="embedder")
         self._free_workers: asyncio.Semaphore | None = None
+        self._busy_workers = 0
         self._batches: set[asyncio.Task[None]] = set()
         self._io_executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="embedding-cache")
         self._queue: asyncio.Queue[_Pending] | None = None
@@ -294,7 +295,9 @@ class EmbeddingService:
         """Collect queued questions into batches and hand each to a free worker.
 
         A batch is collected only once a worker is free, so while every worker is busy the queue grows
-        and the next batch is larger: concurrency turns into batch size instead of waiting calls.
+        and the next batch is larger: concurrency turns into batch size instead of waiting calls. When other
+        workers are idle too, a batch takes only its fair share of the queue and leaves the rest to them, so
+        one worker never computes a long batch while another core waits.
         """
         assert self._queue is not None and self._free_workers is not None
         while True:
@@ -312,6 +315,7 @@ class EmbeddingService:
             if not batch:
                 self._free_workers.release()
                 continue
+            self._busy_workers += 1
             task = asyncio.create_task(self._embed_batch(batch), name="embedding-batch")
             self._batches.add(task)
             task.add_done_callback(self._batch_done)
@@ -319,6 +323,7 @@ class EmbeddingService:
     def _batch_done(self, task: asyncio.Task[None]) -> None:
         self._batches.discard(task)
         assert self._free_workers is not None
+        self._busy_workers -= 1
         self._free_workers.release()
 
     async def _embed_batch(self, batch: list[_Pending]) -> None:
@@ -348,8 +353,11 @@ class EmbeddingService:
             loop.run_in_executor(self._io_executor, self.disk_cache.put_many, written)
 
     def _drain_into(self, batch: list[_Pending]) -> None:
+        """Move queued questions into `batch`, up to its fair share: the waiting questions split over idle workers."""
         assert self._queue is not None
-        while len(batch) < self._max_batch_size and not self._queue.empty():
+        idle_workers = self._workers - self._busy_workers  # this batch's worker included
+        share = -(-(len(batch) + self._queue.qsize()) // idle_workers)  # ceiling division
+        while len(batch) < min(self._max_batch_size, share) and not self._queue.empty():
             batch.append(self._queue.get_nowait())
 
     def _embed_now(self, texts: Sequence[str]) -> np.ndarray:

@@ -12,9 +12,11 @@ Ranking: similarity + 2 x the probability a linear classifier gives the entry. T
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,25 +111,89 @@ class Retriever:
 
     def search(self, vector: np.ndarray, text: str, limit: int) -> list[Match]:
         """Return up to `limit` distinct entries, best first."""
-        query = self._vectorizer.transform([normalize_text(text)])
-        lexical = (query @ self._lexical).toarray().ravel()
-        combined = DENSE_WEIGHT * (self._dense @ vector) + LEXICAL_WEIGHT * lexical
-        best_phrasing = np.maximum.reduceat(combined, self._starts)
-        similarity = np.clip(BEST_PHRASING_WEIGHT * best_phrasing + CENTROID_WEIGHT * (self._centroids @ vector), 0, 1)
+        return self.search_many(vector[np.newaxis, :], [text], limit)[0]
+
+    def search_many(self, vectors: np.ndarray, texts: Sequence[str], limit: int) -> list[list[Match]]:
+        """`search` for many questions (the rows of `vectors`): one matrix product per step for all of them."""
+        queries = self._vectorizer.transform([normalize_text(text) for text in texts])
+        lexical = (queries @ self._lexical).toarray()
+        combined = DENSE_WEIGHT * (vectors @ self._dense.T) + LEXICAL_WEIGHT * lexical
+        best_phrasing = np.maximum.reduceat(combined, self._starts, axis=1)
+        similarity = np.clip(
+            BEST_PHRASING_WEIGHT * best_phrasing + CENTROID_WEIGHT * (vectors @ self._centroids.T), 0, 1
+        )
         ranking = similarity
         if self._has_classifier:
-            ranking = similarity + CLASSIFIER_WEIGHT * self._probabilities(vector, query)
-        limit = min(limit, ranking.shape[0])
-        top = np.argpartition(-ranking, limit - 1)[:limit]
-        top = top[np.argsort(-ranking[top], kind="stable")]
+            ranking = similarity + CLASSIFIER_WEIGHT * self._probabilities(vectors, queries)
+        limit = min(limit, ranking.shape[1])
         entries = self.knowledge_base.entries
-        return [Match(entries[index], float(similarity[index])) for index in top]
+        results: list[list[Match]] = []
+        for row, scores in zip(ranking, similarity, strict=True):
+            top = np.argpartition(-row, limit - 1)[:limit]
+            top = top[np.argsort(-row[top], kind="stable")]
+            results.append([Match(entries[index], float(scores[index])) for index in top])
+        return results
 
-    def _probabilities(self, vector: np.ndarray, query: sparse.csr_matrix) -> np.ndarray:
-        logits = self._dense_weights @ vector + (query @ self._lexical_weights).ravel() + self._intercepts
-        logits = np.exp(logits - logits.max())
-        probabilities: np.ndarray = logits / logits.sum()
+    def _probabilities(self, vectors: np.ndarray, queries: sparse.csr_matrix) -> np.ndarray:
+        logits = vectors @ self._dense_weights.T + (queries @ self._lexical_weights) + self._intercepts
+        logits = np.exp(logits - logits.max(axis=1, keepdims=True))
+        probabilities: np.ndarray = logits / logits.sum(axis=1, keepdims=True)
         return probabilities
+
+
+@dataclass
+class _RankRequest:
+    vectors: list[np.ndarray]
+    texts: list[str]
+    future: asyncio.Future[list[list[Match]]]
+
+
+class BatchedRetriever:
+    """Ranks the questions of concurrent requests together, off the event loop.
+
+    Requests that arrive while a batch is being ranked wait and go into the next one, so under load one
+    `search_many` (one TF-IDF transform, one matrix product per step) serves many questions, and the
+    event loop never spends its time on the ranking. One batch runs at a time, in the loop's default
+    thread pool.
+    """
+
+    def __init__(self, retriever: Retriever, limit: int) -> None:
+        self.retriever = retriever
+        self._limit = limit
+        self._pending: list[_RankRequest] = []
+        self._draining = False
+
+    async def search(self, vectors: Sequence[np.ndarray], texts: Sequence[str]) -> list[list[Match]]:
+        """Up to `limit` matches, best first, for each (vector, text) pair."""
+        future: asyncio.Future[list[list[Match]]] = asyncio.get_running_loop().create_future()
+        self._pending.append(_RankRequest(list(vectors), list(texts), future))
+        if not self._draining:
+            self._draining = True
+            asyncio.get_running_loop().create_task(self._drain(), name="ranking-batch")
+        return await future
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                vectors = np.stack([vector for request in batch for vector in request.vectors])
+                texts = [text for request in batch for text in request.texts]
+                try:
+                    results = await loop.run_in_executor(None, self.retriever.search_many, vectors, texts, self._limit)
+                except Exception as error:  # a bug, not an expected failure: every waiting question gets it
+                    for request in batch:
+                        if not request.future.done():
+                            request.future.set_exception(error)
+                    continue
+                start = 0
+                for request in batch:
+                    end = start + len(request.texts)
+                    if not request.future.done():  # a cancelled waiter (client gone) is skipped
+                        request.future.set_result(results[start:end])
+                    start = end
+        finally:
+            self._draining = False
 
 
 def _index_path(cache_dir: Path, knowledge_base: KnowledgeBase, model_id: str) -> Path:
