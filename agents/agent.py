@@ -90,6 +90,20 @@ class DeFiAgent:
         self._answers: LRUCache[AnswerKey, AgentState] | None = (
             LRUCache(answer_cache_size) if answer_cache_size > 0 and generator is None else None
         )
+        self._answer_hits = 0
+        self._answer_misses = 0
+
+    def answer_cache_stats(self) -> dict[str, Any] | None:
+        """Entries, hits and misses of the answer cache since start-up (None when it is off)."""
+        if self._answers is None:
+            return None
+        lookups = self._answer_hits + self._answer_misses
+        return {
+            "entries": len(self._answers),
+            "hits": self._answer_hits,
+            "misses": self._answer_misses,
+            "hit_rate": round(self._answer_hits / lookups, 4) if lookups else None,
+        }
 
     def clean_question(self, raw: object) -> str:
         """Validate and strip a question (raises InvalidQuestionError)."""
@@ -166,6 +180,10 @@ class DeFiAgent:
         final = self._answers.get(key) if self._answers is not None else None
         if self._answers is not None:
             ANSWER_CACHE_REQUESTS.labels(result="miss" if final is None else "hit").inc()
+            if final is None:
+                self._answer_misses += 1
+            else:
+                self._answer_hits += 1
         if final is None:
             final = await self._run(state)
             if self._answers is not None:

@@ -28,6 +28,7 @@ async def performance_stats(monitoring: MonitoringDep, agent: AgentDep) -> dict[
         "requests": monitoring.requests.snapshot(),
         "answers": monitoring.outcomes.snapshot(),
         "cache": cache_stats(agent.embeddings),
+        "answer_cache": agent.answer_cache_stats(),
         "sessions": {"active": await count_sessions(agent.sessions)},
         "connections": {
             "websocket": int(gauge_value(WEBSOCKET_CONNECTIONS)),
