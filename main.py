@@ -22,7 +22,7 @@ from infrastructure.logging import configure_logging
 from infrastructure.metrics import mark_process_dead, multiprocess_metrics, set_build_info
 from infrastructure.rate_limit import QuestionRateLimiter, parse_networks
 from infrastructure.redis_client import create_redis
-from infrastructure.system import SystemSampler, limit_blas_threads, release_freed_memory
+from infrastructure.system import SystemSampler, freeze_startup_heap, limit_blas_threads, release_freed_memory
 from middleware.body_limit import BodySizeLimitMiddleware
 from middleware.errors import install_error_handlers
 from middleware.request_context import RequestContextMiddleware
@@ -42,6 +42,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.redis = redis
     limit_blas_threads()
     agent = await asyncio.to_thread(build_agent, settings, app.state.knowledge_base, redis)
+    freeze_startup_heap()
     await asyncio.to_thread(release_freed_memory)
     await agent.embeddings.start()
     agent.on_outcome = monitoring.outcomes.record

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import pytest
 
 from agents.followup import extract_topic, resolve_follow_up
 from agents.validation import InvalidQuestionError, clean_question
+from infrastructure.system import freeze_startup_heap
 from services.knowledge_base import DatasetError, load_knowledge_base
 
 GOOD = {
@@ -87,3 +89,13 @@ def test_loader_reports_unreadable_files(tmp_path: Path) -> None:
     broken.write_text("{")
     with pytest.raises(DatasetError, match="not valid JSON"):
         load_knowledge_base(broken)
+
+
+def test_freeze_startup_heap_takes_live_objects_out_of_the_collector() -> None:
+    survivors = [[number] for number in range(1000)]  # lists are tracked by the cyclic collector
+    before = gc.get_freeze_count()
+    try:
+        freeze_startup_heap()
+        assert gc.get_freeze_count() >= before + len(survivors)
+    finally:
+        gc.unfreeze()
