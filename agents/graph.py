@@ -1,14 +1,15 @@
-"""The question-answering graph: understand -> embed -> retrieve -> decide -> compose_answer | compose_no_match.
+"""The question-answering graph: understand -> search -> compose (extractive mode).
 
 Nodes are async functions over the typed state that return only the keys they change. When the
-caller streams (`streaming=True`), the compose nodes write `metadata` and `word` events through
-LangGraph's custom stream; `ainvoke` callers get the final state and no events. Steps are only as
-fine as they need to be: each node costs a fixed scheduling overhead in LangGraph (docs/performance.md).
+caller streams (`streaming=True`), `compose` writes `metadata` and `word` events through LangGraph's
+custom stream; `ainvoke` callers get the final state and no events. Steps are only as fine as they
+need to be: each node, and each conditional edge, costs a fixed ~0.1-0.26 ms of CPU in LangGraph
+(docs/performance.md), as much as the ranking of a question in a batch.
 
-In generative mode a matched question goes to `generate` instead: a chat model writes the answer from the
-top entries, and the node streams it as whole words while it is generated (its `metadata` comes first,
-with `total_words` null because the length is not known yet). If the model fails, the extractive answer
-is used and `error` says why.
+In generative mode a conditional edge after `search` sends a matched question to `generate` instead: a
+chat model writes the answer from the top entries, and the node streams it as whole words while it is
+generated (its `metadata` comes first, with `total_words` null because the length is not known yet). If
+the model fails, the extractive answer is used and `error` says why.
 """
 
 from __future__ import annotations
@@ -117,24 +118,24 @@ def build_graph(
                 candidates.insert(0, rewritten[: settings.question_max_chars])
         return {"question": question, "candidates": list(dict.fromkeys(candidates))}
 
-    async def embed(state: AgentState) -> dict[str, Any]:
-        vectors = await asyncio.gather(*(embeddings.embed_query(text) for text in state["candidates"]))
-        return {"vectors": list(vectors)}
-
-    async def retrieve(state: AgentState) -> dict[str, Any]:
+    async def search(state: AgentState) -> dict[str, Any]:
+        """Embed every candidate (through the caches), rank them all, keep the one whose best entry scores higher."""
+        candidates = state["candidates"]
+        vectors = await asyncio.gather(*(embeddings.embed_query(text) for text in candidates))
         best_text, best_matches = "", list[Match]()
-        ranked = await retriever.search(state["vectors"], state["candidates"])
-        for text, matches in zip(state["candidates"], ranked, strict=True):
+        ranked = await retriever.search(vectors, candidates)
+        for text, matches in zip(candidates, ranked, strict=True):
             if not best_matches or (matches and matches[0].score > best_matches[0].score):
                 best_text, best_matches = text, matches
         confidence = best_matches[0].score if best_matches else 0.0
         return {"resolved_question": best_text, "matches": best_matches, "confidence": round(confidence, 4)}
 
+    def matched(state: AgentState) -> bool:
+        return bool(state["matches"]) and state["confidence"] >= settings.similarity_threshold
+
     # async: LangGraph runs a plain function router in its thread pool, a round trip per question.
-    async def decide(state: AgentState) -> Literal["compose_answer", "generate", "compose_no_match"]:
-        if state["matches"] and state["confidence"] >= settings.similarity_threshold:
-            return "generate" if generator is not None else "compose_answer"
-        return "compose_no_match"
+    async def decide(state: AgentState) -> Literal["compose", "generate"]:
+        return "generate" if matched(state) else "compose"
 
     async def emit(state: AgentState, answer: str, sources: list[dict[str, object]]) -> None:
         """When streaming: one `metadata` event, then one `word` event per word of the finished answer."""
@@ -157,15 +158,14 @@ def build_graph(
                 await asyncio.sleep(settings.word_delay_seconds)
             write({"type": "word", "content": word, "index": index, "confidence": confidence})
 
-    async def compose_answer(state: AgentState) -> dict[str, Any]:
-        answer, sources = state["matches"][0].entry.answer, _sources(state["matches"])
+    async def compose(state: AgentState) -> dict[str, Any]:
+        """The top entry's answer when it clears the threshold, else the honest decline with suggestions."""
+        if matched(state):
+            answer, sources, stage = state["matches"][0].entry.answer, _sources(state["matches"]), "response_complete"
+        else:
+            answer, sources, stage = no_match_answer(state["matches"]), [], "no_match"
         await emit(state, answer, sources)
-        return {"answer": answer, "sources": sources, "processing_stage": "response_complete", "error": None}
-
-    async def compose_no_match(state: AgentState) -> dict[str, Any]:
-        answer = no_match_answer(state["matches"])
-        await emit(state, answer, [])
-        return {"answer": answer, "sources": [], "processing_stage": "no_match", "error": None}
+        return {"answer": answer, "sources": sources, "processing_stage": stage, "error": None}
 
     async def generate(state: AgentState) -> dict[str, Any]:
         assert generator is not None
@@ -222,16 +222,15 @@ def build_graph(
 
     graph = StateGraph(AgentState, input_schema=InputState)
     graph.add_node("understand", _timed("understand", understand))
-    graph.add_node("embed", _timed("embed", embed))
-    graph.add_node("retrieve", _timed("retrieve", retrieve))
-    graph.add_node("compose_answer", _timed("compose_answer", compose_answer))
-    graph.add_node("compose_no_match", _timed("compose_no_match", compose_no_match))
-    graph.add_node("generate", _timed("generate", generate))
+    graph.add_node("search", _timed("search", search))
+    graph.add_node("compose", _timed("compose", compose))
     graph.add_edge(START, "understand")
-    graph.add_edge("understand", "embed")
-    graph.add_edge("embed", "retrieve")
-    graph.add_conditional_edges("retrieve", decide)
-    graph.add_edge("compose_answer", END)
-    graph.add_edge("compose_no_match", END)
-    graph.add_edge("generate", END)  # streams its own events while the model writes
+    graph.add_edge("understand", "search")
+    if generator is None:
+        graph.add_edge("search", "compose")
+    else:
+        graph.add_node("generate", _timed("generate", generate))
+        graph.add_conditional_edges("search", decide, ["compose", "generate"])
+        graph.add_edge("generate", END)  # streams its own events while the model writes
+    graph.add_edge("compose", END)
     return graph.compile()

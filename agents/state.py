@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import TypedDict
 
-import numpy as np
-
 from services.retrieval import Match
 
 
@@ -22,7 +20,6 @@ class AgentState(InputState, total=False):
     """Everything the nodes produce, on top of the input."""
 
     candidates: list[str]
-    vectors: list[np.ndarray]
     resolved_question: str
     matches: list[Match]
     confidence: float
