@@ -35,14 +35,16 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import structlog
-from limits import RateLimitItemPerSecond
-from slowapi import Limiter
 
 from infrastructure.metrics import SHARED_STORAGE_ERRORS
 from infrastructure.redis_client import sync_storage_options
+
+if TYPE_CHECKING:
+    from limits import RateLimitItem
+    from slowapi import Limiter
 
 logger = structlog.get_logger(__name__)
 
@@ -153,7 +155,12 @@ class QuestionRateLimiter:
         self._in_memory = storage_uri.startswith("memory://")
         self._window = MovingWindow(requests, window_seconds, clock, wall_clock) if self._in_memory else None
         self._limiter: Limiter | None = None
+        self._item: RateLimitItem | None = None
         if not self._in_memory:
+            # Imported here: slowapi and limits take ~0.12 s to import, and the default memory:// never needs them.
+            from limits import RateLimitItemPerSecond
+            from slowapi import Limiter
+
             options = sync_storage_options() if storage_uri.startswith(("redis://", "rediss://")) else {}
             self._limiter = Limiter(
                 key_func=lambda: "",
@@ -161,7 +168,7 @@ class QuestionRateLimiter:
                 strategy="moving-window",
                 storage_options=cast(dict[str, str], options),  # passed through to redis.from_url, not only strings
             )
-        self._item = RateLimitItemPerSecond(requests, window_seconds)
+            self._item = RateLimitItemPerSecond(requests, window_seconds)
         self._failing = False
 
     async def spend(self, client_key: str) -> RateDecision:
@@ -199,7 +206,7 @@ class QuestionRateLimiter:
         """Spend one question from `client_key`'s budget (blocking for a remote storage; memory: loop only)."""
         if self._window is not None:
             return self._window.hit(client_key)
-        assert self._limiter is not None
+        assert self._limiter is not None and self._item is not None
         strategy = self._limiter.limiter
         allowed = strategy.hit(self._item, self.SCOPE, client_key)
         stats = strategy.get_window_stats(self._item, self.SCOPE, client_key)
