@@ -57,10 +57,61 @@ class ClassifierWeights:
     intercepts: np.ndarray
 
 
-def _vectorizer() -> TfidfVectorizer:
+def _vectorizer(vocabulary: dict[str, int] | None = None) -> TfidfVectorizer:
     return TfidfVectorizer(
-        analyzer="char_wb", ngram_range=(3, 5), sublinear_tf=True, dtype=np.float32, max_features=LEXICAL_FEATURES
+        analyzer="char_wb",
+        ngram_range=(3, 5),
+        sublinear_tf=True,
+        dtype=np.float32,
+        max_features=LEXICAL_FEATURES,
+        vocabulary=vocabulary,
     )
+
+
+@dataclass(frozen=True)
+class LexicalIndex:
+    """The fitted character n-gram TF-IDF: the term of each feature column, its idf, the phrasings' rows.
+
+    Kept in the index file as plain arrays (no pickle), so a warm start does not refit it (~0.35 s).
+    """
+
+    terms: np.ndarray
+    idf: np.ndarray
+    phrasings: sparse.csr_matrix
+
+    @classmethod
+    def fit(cls, texts: list[str]) -> LexicalIndex:
+        """Fit the vectorizer on the normalised phrasings."""
+        vectorizer = _vectorizer()
+        rows = vectorizer.fit_transform(texts).tocsr()
+        return cls(vectorizer.get_feature_names_out().astype(str), vectorizer.idf_, rows)
+
+    def vectorizer(self) -> TfidfVectorizer:
+        """A vectorizer that transforms exactly as the fitted one did."""
+        vectorizer = _vectorizer({term: column for column, term in enumerate(self.terms.tolist())})
+        vectorizer.idf_ = self.idf
+        return vectorizer
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """The arrays stored in the index file."""
+        return {
+            "lexical_terms": self.terms,
+            "lexical_idf": self.idf,
+            "lexical_data": self.phrasings.data,
+            "lexical_indices": self.phrasings.indices,
+            "lexical_indptr": self.phrasings.indptr,
+        }
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], phrasing_count: int) -> LexicalIndex:
+        """Rebuild from `to_arrays` (raises ValueError when they do not fit together)."""
+        shape = (phrasing_count, len(arrays["lexical_terms"]))
+        rows = sparse.csr_matrix(
+            (arrays["lexical_data"], arrays["lexical_indices"], arrays["lexical_indptr"]), shape=shape
+        )
+        if len(arrays["lexical_idf"]) != shape[1]:
+            raise ValueError("lexical idf does not match its terms")
+        return cls(arrays["lexical_terms"], arrays["lexical_idf"], rows)
 
 
 def _phrasings(knowledge_base: KnowledgeBase) -> tuple[list[str], list[int], np.ndarray]:
@@ -75,11 +126,12 @@ def _phrasings(knowledge_base: KnowledgeBase) -> tuple[list[str], list[int], np.
     return texts, starts, np.array(owners, dtype=np.intp)
 
 
-def train_classifier(knowledge_base: KnowledgeBase, phrasing_vectors: np.ndarray) -> ClassifierWeights:
+def train_classifier(
+    knowledge_base: KnowledgeBase, phrasing_vectors: np.ndarray, lexical: LexicalIndex
+) -> ClassifierWeights:
     """Fit the entry classifier on the knowledge base's own phrasings (deterministic). Blocking, CPU-heavy."""
-    texts, _, owners = _phrasings(knowledge_base)
-    lexical = _vectorizer().fit_transform(texts)
-    features = sparse.hstack([sparse.csr_matrix(phrasing_vectors), lexical]).tocsr()
+    _, _, owners = _phrasings(knowledge_base)
+    features = sparse.hstack([sparse.csr_matrix(phrasing_vectors), lexical.phrasings]).tocsr()
     model = SGDClassifier(loss="log_loss", alpha=1e-5, max_iter=30, tol=None, random_state=0, n_jobs=2)
     model.fit(features, owners)
     return ClassifierWeights(model.coef_.astype(np.float32), model.intercept_.astype(np.float32))
@@ -89,18 +141,25 @@ class Retriever:
     """Ranks knowledge-base entries for a question vector and text."""
 
     def __init__(
-        self, knowledge_base: KnowledgeBase, phrasing_vectors: np.ndarray, classifier: ClassifierWeights | None
+        self,
+        knowledge_base: KnowledgeBase,
+        phrasing_vectors: np.ndarray,
+        classifier: ClassifierWeights | None,
+        lexical: LexicalIndex | None = None,
     ) -> None:
         self.knowledge_base = knowledge_base
         texts, starts, _ = _phrasings(knowledge_base)
+        lexical = lexical or LexicalIndex.fit(texts)
         if phrasing_vectors.shape[0] != len(texts):
             raise ValueError("phrasing vectors do not match the knowledge base")
         self._dense = phrasing_vectors.astype(np.float32)
         self._starts = np.array(starts, dtype=np.intp)
         centroids = np.add.reduceat(self._dense, self._starts, axis=0)
         self._centroids = (centroids / np.linalg.norm(centroids, axis=1, keepdims=True)).astype(np.float32)
-        self._vectorizer = _vectorizer()
-        self._lexical = self._vectorizer.fit_transform(texts).T.tocsr()
+        if lexical.phrasings.shape[0] != len(texts):
+            raise ValueError("the lexical index does not match the knowledge base")
+        self._vectorizer = lexical.vectorizer()
+        self._lexical = lexical.phrasings.T.tocsr()
         dimension = self._dense.shape[1]
         self._has_classifier = classifier is not None
         if classifier is not None:  # split once; the combined matrix is not kept
@@ -196,11 +255,6 @@ class BatchedRetriever:
             self._draining = False
 
 
-def _index_path(cache_dir: Path, knowledge_base: KnowledgeBase, model_id: str) -> Path:
-    key = hashlib.sha256(f"{knowledge_base.content_hash}\n{model_id}".encode()).hexdigest()
-    return cache_dir / "index" / f"{key}.npy"
-
-
 def _atomic_save(path: Path, **arrays: np.ndarray) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -213,18 +267,30 @@ def _atomic_save(path: Path, **arrays: np.ndarray) -> None:
 
 
 def _load(path: Path, names: tuple[str, ...]) -> dict[str, np.ndarray] | None:
+    """Every array of the index file (None when one of `names` is missing, or a number is not finite)."""
     if not path.exists():
         return None
     try:
         with np.load(path, allow_pickle=False) as archive:
-            arrays = {name: archive[name] for name in names}
+            arrays = {name: archive[name] for name in archive.files}
+        missing = [name for name in names if name not in arrays]
+        if missing:
+            raise KeyError(f"missing arrays: {missing}")
     except (OSError, ValueError, KeyError) as error:
         logger.warning("index_cache_unreadable", path=str(path), error=str(error))
         return None
-    if not all(np.isfinite(array).all() for array in arrays.values()):
+    if not all(np.isfinite(array).all() for array in arrays.values() if array.dtype.kind in "fc"):
         logger.warning("index_cache_invalid", path=str(path))
         return None
     return arrays
+
+
+def _cached_lexical(arrays: dict[str, np.ndarray], phrasing_count: int) -> LexicalIndex | None:
+    """The stored lexical index, or None (an index file written before it was stored, or a damaged one)."""
+    try:
+        return LexicalIndex.from_arrays(arrays, phrasing_count)
+    except (KeyError, ValueError):
+        return None
 
 
 def build_retriever(
@@ -235,6 +301,7 @@ def build_retriever(
     Returns the retriever and whether everything came from the cache.
     """
     texts = [text for entry in knowledge_base.entries for text in entry.phrasings()]
+    normalized, _, _ = _phrasings(knowledge_base)
     key = hashlib.sha256(
         f"{knowledge_base.content_hash}\n{embeddings.model_id}\n{CLASSIFIER_VERSION}".encode()
     ).hexdigest()
@@ -246,9 +313,25 @@ def build_retriever(
         and len(cached["intercepts"]) == len(knowledge_base)
     ):
         weights = ClassifierWeights(cached["coefficients"], cached["intercepts"])
-        return Retriever(knowledge_base, cached["vectors"].astype(np.float32), weights), True
+        vectors = cached["vectors"].astype(np.float32)
+        lexical = _cached_lexical(cached, len(texts))
+        if lexical is None:  # an older index file: fit once and store it beside the rest
+            lexical = LexicalIndex.fit(normalized)
+            if path is not None:
+                _atomic_save(path, **_index_arrays(vectors, weights, lexical))
+        return Retriever(knowledge_base, vectors, weights, lexical), True
     vectors = embeddings.embed_corpus_blocking(texts)
-    weights = train_classifier(knowledge_base, vectors)
+    lexical = LexicalIndex.fit(normalized)
+    weights = train_classifier(knowledge_base, vectors, lexical)
     if path is not None:
-        _atomic_save(path, vectors=vectors, coefficients=weights.coefficients, intercepts=weights.intercepts)
-    return Retriever(knowledge_base, vectors, weights), False
+        _atomic_save(path, **_index_arrays(vectors, weights, lexical))
+    return Retriever(knowledge_base, vectors, weights, lexical), False
+
+
+def _index_arrays(vectors: np.ndarray, weights: ClassifierWeights, lexical: LexicalIndex) -> dict[str, np.ndarray]:
+    return {
+        "vectors": vectors,
+        "coefficients": weights.coefficients,
+        "intercepts": weights.intercepts,
+        **lexical.to_arrays(),
+    }
