@@ -90,20 +90,13 @@ class DeFiAgent:
         self._answers: LRUCache[AnswerKey, AgentState] | None = (
             LRUCache(answer_cache_size) if answer_cache_size > 0 and generator is None else None
         )
-        self._answer_hits = 0
-        self._answer_misses = 0
+        self.answer_cache_hits = 0
+        self.answer_cache_misses = 0
 
-    def answer_cache_stats(self) -> dict[str, Any] | None:
-        """Entries, hits and misses of the answer cache since start-up (None when it is off)."""
-        if self._answers is None:
-            return None
-        lookups = self._answer_hits + self._answer_misses
-        return {
-            "entries": len(self._answers),
-            "hits": self._answer_hits,
-            "misses": self._answer_misses,
-            "hit_rate": round(self._answer_hits / lookups, 4) if lookups else None,
-        }
+    @property
+    def answer_cache_entries(self) -> int | None:
+        """Answers held by the answer cache (None when it is off)."""
+        return len(self._answers) if self._answers is not None else None
 
     def clean_question(self, raw: object) -> str:
         """Validate and strip a question (raises InvalidQuestionError)."""
@@ -181,9 +174,9 @@ class DeFiAgent:
         if self._answers is not None:
             ANSWER_CACHE_REQUESTS.labels(result="miss" if final is None else "hit").inc()
             if final is None:
-                self._answer_misses += 1
+                self.answer_cache_misses += 1
             else:
-                self._answer_hits += 1
+                self.answer_cache_hits += 1
         if final is None:
             final = await self._run(state)
             if self._answers is not None:

@@ -55,6 +55,17 @@ def worst(statuses: list[Status]) -> Status:
     return max(statuses, key=lambda status: _RANK[status], default="healthy")
 
 
+def lookup_stats(entries: int | None, hits: int, misses: int) -> dict[str, Any]:
+    """One cache's entries, hits, misses and hit rate since start-up."""
+    lookups = hits + misses
+    return {
+        "entries": entries,
+        "hits": hits,
+        "misses": misses,
+        "hit_rate": round(hits / lookups, 4) if lookups else None,
+    }
+
+
 def cache_stats(embeddings: EmbeddingService) -> dict[str, Any]:
     """Hits and misses of each cache layer since start-up, and the share of question look-ups served by a cache."""
     layers: dict[str, dict[str, Any]] = {}
@@ -65,18 +76,21 @@ def cache_stats(embeddings: EmbeddingService) -> dict[str, Any]:
     )
     for name, layer in ordered:
         if layer is not None:
-            lookups = layer.hits + layer.misses
-            layers[name] = {
-                "entries": None if isinstance(layer, SharedCache) else len(layer),
-                "hits": layer.hits,
-                "misses": layer.misses,
-                "hit_rate": round(layer.hits / lookups, 4) if lookups else None,
-            }
+            entries = None if isinstance(layer, SharedCache) else len(layer)
+            layers[name] = lookup_stats(entries, layer.hits, layer.misses)
     # A question is looked up in the first layer; each later look-up only follows a miss above it.
     first = layers.get("memory") or layers.get("shared") or layers.get("disk")
     first_lookups = first["hits"] + first["misses"] if first else 0
     hits = sum(layer["hits"] for layer in layers.values())
     return {"hit_rate": round(hits / first_lookups, 4) if first_lookups else None, "layers": layers}
+
+
+def answer_cache_stats(agent: DeFiAgent) -> dict[str, Any] | None:
+    """The answer cache's figures since start-up (None when it is off)."""
+    entries = agent.answer_cache_entries
+    if entries is None:
+        return None
+    return lookup_stats(entries, agent.answer_cache_hits, agent.answer_cache_misses)
 
 
 def embeddings_component(embeddings: EmbeddingService) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from typing import Literal
 
 import numpy as np
 import structlog
+from cachetools import LRUCache
 from redis.asyncio import Redis
 
 from infrastructure.metrics import EMBEDDING_CACHE_REQUESTS, SHARED_STORAGE_ERRORS
@@ -52,8 +53,7 @@ class MemoryCache:
     """A bounded least-recently-used map from cache key to vector (thread-safe)."""
 
     def __init__(self, max_size: int) -> None:
-        self._max_size = max_size
-        self._items: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._items: LRUCache[str, np.ndarray] = LRUCache(max_size)
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
@@ -61,9 +61,8 @@ class MemoryCache:
     def get(self, key: str) -> np.ndarray | None:
         """Return the vector for `key`, or None."""
         with self._lock:
-            vector = self._items.get(key)
+            vector = self._items.get(key)  # a hit makes the entry the most recently used
             if vector is not None:
-                self._items.move_to_end(key)
                 self.hits += 1
             else:
                 self.misses += 1
@@ -74,9 +73,6 @@ class MemoryCache:
         """Store `vector`, evicting the least recently used entry when full."""
         with self._lock:
             self._items[key] = vector
-            self._items.move_to_end(key)
-            while len(self._items) > self._max_size:
-                self._items.popitem(last=False)
 
     def __len__(self) -> int:
         return len(self._items)

@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import APIRouter
 
 from api.deps import AdminOnly, AgentDep, MonitoringDep
-from api.monitoring import cache_stats, count_sessions
+from api.monitoring import answer_cache_stats, cache_stats, count_sessions
 from infrastructure.metrics import SSE_STREAMS_ACTIVE, WEBSOCKET_CONNECTIONS, gauge_value
 
 router = APIRouter(tags=["operations"], include_in_schema=False, dependencies=[AdminOnly])
@@ -28,7 +28,7 @@ async def performance_stats(monitoring: MonitoringDep, agent: AgentDep) -> dict[
         "requests": monitoring.requests.snapshot(),
         "answers": monitoring.outcomes.snapshot(),
         "cache": cache_stats(agent.embeddings),
-        "answer_cache": agent.answer_cache_stats(),
+        "answer_cache": answer_cache_stats(agent),
         "sessions": {"active": await count_sessions(agent.sessions)},
         "connections": {
             "websocket": int(gauge_value(WEBSOCKET_CONNECTIONS)),
