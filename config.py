@@ -57,7 +57,7 @@ class Settings(BaseSettings):
     # Agent and retrieval
     agent_similarity_threshold: float = Field(default=0.40, ge=0.0, le=1.0)
     agent_max_results: int = Field(default=5, ge=1, le=50)
-    agent_cache_enabled: bool = True
+    agent_cache_enabled: bool = True  # the answer cache: repeated extractive questions skip the graph
     question_max_chars: int = Field(default=1000, ge=10, le=100_000)
     dataset_path: Path = PROJECT_ROOT / "data" / "knowledge_base.json"
 
@@ -67,7 +67,8 @@ class Settings(BaseSettings):
     embedding_batch_window_ms: float = Field(default=2.0, ge=0.0, le=100.0)
     embedding_threads: int = Field(default=0, ge=0, le=64)
     embedding_workers: int = Field(default=0, ge=0, le=16)
-    cache_enabled: bool = True
+    cache_enabled: bool = True  # disk cache of question embeddings, and the index file
+    embedding_memory_cache_enabled: bool = True  # in-memory LRU of question embeddings
     cache_dir: Path = PROJECT_ROOT / "cache"
     cache_max_size: int = Field(default=1000, ge=1)
     cache_expiry_days: int = Field(default=30, ge=1)

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
-import platform
-import sys
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager, suppress
+from contextlib import asynccontextmanager
 
 import structlog
 import uvicorn
@@ -14,57 +11,40 @@ from asgi_correlation_id import CorrelationIdMiddleware
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from agents.factory import build_agent, check_remote_providers
 from api.monitoring import Monitoring, warn_if_operator_endpoints_open
 from api.routes import ask, health, operations, stream, ui, websocket
+from bootstrap import build_rate_limiter, load_seed_or_exit, start_services, stop_services
 from config import APP_VERSION, Settings, get_settings
 from infrastructure.logging import configure_logging
-from infrastructure.metrics import mark_process_dead, multiprocess_metrics, set_build_info
-from infrastructure.rate_limit import QuestionRateLimiter, parse_networks
-from infrastructure.redis_client import create_redis
-from infrastructure.system import SystemSampler, freeze_startup_heap, limit_blas_threads, release_freed_memory
+from infrastructure.metrics import mark_process_dead, multiprocess_metrics
+from infrastructure.rate_limit import parse_networks
+from infrastructure.system_stats import SystemSampler
 from middleware.body_limit import BodySizeLimitMiddleware
 from middleware.errors import install_error_handlers
 from middleware.request_context import RequestContextMiddleware
 from middleware.security_headers import SecurityHeadersMiddleware
-from services.knowledge_base import DatasetError, load_knowledge_base
-from services.openai_compat import ProviderCheckError
 
 logger = structlog.get_logger(__name__)
 
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """Build the agent once (off the loop), run background tasks, release everything at shutdown."""
+    """Build the services once (bootstrap.py), put each on `app.state`, release them at shutdown."""
     settings: Settings = app.state.settings
-    monitoring: Monitoring = app.state.monitoring
-    redis = create_redis(settings.redis_url) if settings.redis_url else None  # connects lazily, never blocks here
-    app.state.redis = redis
-    limit_blas_threads()
-    agent = await asyncio.to_thread(build_agent, settings, app.state.knowledge_base, redis)
-    freeze_startup_heap()
-    await asyncio.to_thread(release_freed_memory)
-    await agent.embeddings.start()
-    agent.on_outcome = monitoring.outcomes.record
-    app.state.agent = agent
-    set_build_info(APP_VERSION, platform.python_version(), agent.embeddings.model_id)
-    tasks = [
-        asyncio.create_task(agent.sessions.run_cleanup(settings.session_cleanup_interval_seconds)),
-        asyncio.create_task(monitoring.loop_lag.run()),
-    ]
+    services = await start_services(settings, app.state.seed_knowledge_base, app.state.monitoring)
+    state = app.state
+    state.redis = services.redis
+    state.embeddings = services.embeddings
+    state.knowledge = services.knowledge
+    state.sessions = services.sessions
+    state.answer_cache = services.answer_cache
+    state.agent = services.agent
     warn_if_operator_endpoints_open(settings)
     logger.info("service_ready", host=settings.host, port=settings.port, environment=settings.environment)
     try:
         yield
     finally:
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with suppress(asyncio.CancelledError):
-                await task
-        await agent.embeddings.close()
-        if redis is not None:
-            await redis.aclose()
+        await stop_services(services)
         mark_process_dead()
 
 
@@ -90,21 +70,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.redis = None  # the shared Redis pool, created by the lifespan when REDIS_URL is set
-    app.state.rate_limiter = QuestionRateLimiter(
-        settings.rate_limit_requests_per_minute, settings.rate_limit_window_seconds, settings.rate_limit_storage_uri
-    )
+    app.state.rate_limiter = build_rate_limiter(settings)
     app.state.trusted_networks = parse_networks(settings.trusted_proxies)
     app.state.monitoring = Monitoring(system=SystemSampler(settings.cache_dir))
-    try:
-        app.state.knowledge_base = load_knowledge_base(settings.dataset_path)
-    except DatasetError as error:
-        print(f"Start-up failed: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
-    try:
-        check_remote_providers(settings)
-    except ProviderCheckError as error:
-        print(f"Start-up failed: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
+    app.state.seed_knowledge_base = load_seed_or_exit(settings)
     install_error_handlers(app)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(

@@ -1,48 +1,35 @@
-"""The DeFi agent: runs the graph for one question, optionally inside a session, whole or streamed."""
+"""The DeFi agent: its one job is to answer or stream a question, optionally inside a session.
+
+It sees its services only through narrow interfaces (an embedder, the live knowledge base, a session
+store, optionally a chat model) and exposes none of them. A question's path: the route hands the raw
+text and session id to `accept` (validation, session), then `answer` or `stream` runs the graph with
+the knowledge snapshot current at that moment and records the turn.
+"""
 
 from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager, nullcontext
-from dataclasses import dataclass, field
-from typing import Any, cast
+from dataclasses import dataclass
+from typing import Protocol, cast
 
 import structlog
-from cachetools import LRUCache
 
-from agents.graph import AgentSettings, build_graph
+from agents.answer_cache import AnswerCache, AnswerKey
+from agents.context import AgentSettings, Generator, GraphContext, QueryEmbedder, Ranker
+from agents.events import CompleteEvent, ErrorEvent, StreamEvent
+from agents.graph import build_graph
 from agents.state import AgentState, InputState
 from agents.validation import clean_question
 from infrastructure.logging import truncate_for_log
-from infrastructure.metrics import AGENT_CONFIDENCE, AGENT_PROCESSING, AGENT_QUERIES, ANSWER_CACHE_REQUESTS
-from services.embeddings import EmbeddingError, EmbeddingService
-from services.generation import AnswerGenerator
-from services.retrieval import BatchedRetriever, Retriever
+from infrastructure.metrics import AGENT_CONFIDENCE, AGENT_PROCESSING, AGENT_QUERIES
+from services.embedding_providers import EmbeddingError
 from services.sessions import Session, SessionStore, SessionStoreUnavailableError, Turn
+from services.sources import ProcessingStage, Source
 
 logger = structlog.get_logger(__name__)
 
-
-AnswerKey = tuple[str, str | None]
-"""What an extractive answer depends on: the question and the previous turn's resolved question."""
-
-
-def _outcome_of(state: AgentState) -> AgentState:
-    """The part of a final state an answer is made from (no vectors or matches kept in the cache)."""
-    return {
-        "question": state["question"],
-        "previous_question": state["previous_question"],
-        "session_id": None,
-        "streaming": False,
-        "resolved_question": state["resolved_question"],
-        "confidence": state["confidence"],
-        "processing_stage": state["processing_stage"],
-        "answer": state["answer"],
-        "sources": state["sources"],
-        "error": state.get("error"),
-    }
-
+EMBEDDING_UNAVAILABLE = "The embedding model is unavailable; please retry shortly."
 
 OutcomeListener = Callable[[str, float | None], None]
 """Told of every finished question: its outcome (answered / no_match / error) and confidence."""
@@ -52,18 +39,49 @@ class AgentUnavailableError(RuntimeError):
     """The agent cannot answer right now (e.g. the embedder failed); the caller should retry later."""
 
 
+class KnowledgeView(Protocol):
+    """What the agent reads of one knowledge-base snapshot."""
+
+    @property
+    def version(self) -> int:
+        """The snapshot's version (part of the answer cache key)."""
+        ...
+
+    @property
+    def ranker(self) -> Ranker:
+        """Ranks this snapshot's entries."""
+        ...
+
+
+class KnowledgeSource(Protocol):
+    """The live knowledge base: the snapshot to answer a new question from."""
+
+    @property
+    def current(self) -> KnowledgeView:
+        """The current snapshot."""
+        ...
+
+
+@dataclass(frozen=True)
+class Question:
+    """A validated question and the session it belongs to (None: a stateless question)."""
+
+    text: str
+    session: Session | None = None
+
+
 @dataclass(frozen=True)
 class AgentResult:
     """A finished answer."""
 
     answer: str
     confidence: float
-    processing_stage: str
-    sources: list[dict[str, Any]]
+    processing_stage: ProcessingStage
+    sources: list[Source]
     resolved_question: str
     session_id: str | None = None
     error: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    unknown_terms: tuple[str, ...] = ()
 
 
 class DeFiAgent:
@@ -71,44 +89,43 @@ class DeFiAgent:
 
     def __init__(
         self,
-        embeddings: EmbeddingService,
-        retriever: Retriever,
+        embedder: QueryEmbedder,
+        knowledge: KnowledgeSource,
         sessions: SessionStore,
         settings: AgentSettings,
-        generator: AnswerGenerator | None = None,
-        answer_cache_size: int = 0,
+        generator: Generator | None = None,
+        answer_cache: AnswerCache | None = None,
+        on_outcome: OutcomeListener | None = None,
     ) -> None:
-        self.embeddings = embeddings
-        self.retriever = retriever
-        self.sessions = sessions
-        self.settings = settings
-        self.generator = generator
-        self._graph = build_graph(embeddings, BatchedRetriever(retriever, settings.max_results), settings, generator)
-        self.on_outcome: OutcomeListener | None = None
-        # Extractive answers are a pure function of (question, previous question) over a knowledge base that
-        # never changes while the process runs, so a repeated question skips the graph. Generated ones are not.
-        self._answers: LRUCache[AnswerKey, AgentState] | None = (
-            LRUCache(answer_cache_size) if answer_cache_size > 0 and generator is None else None
-        )
-        self.answer_cache_hits = 0
-        self.answer_cache_misses = 0
+        self._embedder = embedder
+        self._knowledge = knowledge
+        self._sessions = sessions
+        self._settings = settings
+        self._generator = generator
+        self._answers = answer_cache if generator is None else None  # generated answers are not repeatable
+        self._on_outcome = on_outcome
+        self._graph = build_graph()
 
-    @property
-    def answer_cache_entries(self) -> int | None:
-        """Answers held by the answer cache (None when it is off)."""
-        return len(self._answers) if self._answers is not None else None
+    async def accept(self, raw: object, session_id: str | None = None, *, new_session: bool = False) -> Question:
+        """Validate a question (raises InvalidQuestionError) and attach its session.
 
-    def clean_question(self, raw: object) -> str:
-        """Validate and strip a question (raises InvalidQuestionError)."""
-        return clean_question(raw, self.settings.question_max_chars)
+        `session_id` continues that session (a new one is started when it is unknown or expired);
+        `new_session` starts one when no id is given; otherwise the question is stateless.
+        """
+        text = clean_question(raw, self._settings.question_max_chars)
+        if session_id is None and not new_session:
+            return Question(text)
+        return Question(text, await self._sessions.get_or_create(session_id))
 
-    async def answer(self, question: str, session: Session | None = None) -> AgentResult:
-        """Answer one question; inside `session` the previous turn gives follow-ups their context."""
-        async with self._session_lock(session):
-            state = await self._final_state(self._input(question, session, streaming=False))
-            return await self._finish(question, state, session)
+    async def answer(self, question: Question) -> AgentResult:
+        """Answer one question; inside a session the previous turn gives follow-ups their context."""
+        session = question.session
+        if session is None:
+            return await self._finish(question, await self._final_state(question))
+        async with session.lock:
+            return await self._finish(question, await self._final_state(question))
 
-    async def stream(self, question: str, session: Session | None = None) -> AsyncIterator[dict[str, Any]]:
+    async def stream(self, question: Question) -> AsyncIterator[StreamEvent]:
         """Yield `metadata`, `word`... and `complete` events; an `error` event ends a failed stream.
 
         No lock is held while events are yielded: a consumer that stops iterating (a client gone) can
@@ -118,83 +135,71 @@ class DeFiAgent:
         final: AgentState | None = None
         try:
             async for mode, chunk in self._graph.astream(
-                self._input(question, session, streaming=True), stream_mode=["custom", "values"]
+                self._input(question, streaming=True), context=self._context(), stream_mode=["custom", "values"]
             ):
                 if mode == "custom":
-                    yield cast(dict[str, Any], chunk)
+                    yield cast(StreamEvent, chunk)
                 else:
                     final = cast(AgentState, chunk)
         except EmbeddingError as error:
-            self._count("error", None)
-            logger.error("agent_failed", error=str(error))
-            message = "The embedding model is unavailable; please retry shortly."
-            yield {"type": "error", "message": message, "error": message, "code": "embedding_unavailable"}
+            self._failed(error)
+            yield ErrorEvent(EMBEDDING_UNAVAILABLE, "embedding_unavailable")
             return
         AGENT_PROCESSING.observe(time.perf_counter() - started)
         assert final is not None
         try:
-            result = await self._finish(question, final, session)
+            result = await self._finish(question, final)
         except SessionStoreUnavailableError as error:  # the answer went out but the turn could not be saved
-            message = str(error)
-            yield {"type": "error", "message": message, "error": message, "code": "session_store_unavailable"}
+            yield ErrorEvent(str(error), "session_store_unavailable")
             return
-        complete: dict[str, Any] = {
-            "type": "complete",
-            "final_confidence": result.confidence,
-            "processing_stage": result.processing_stage,
-            "total_words": len(result.answer.split()),
-        }
-        if result.error is not None:  # e.g. a generative answer that fell back to the extractive one
-            complete["error"] = result.error
-        yield complete
+        yield CompleteEvent(result.confidence, result.processing_stage, len(result.answer.split()), result.error)
 
-    def _count(self, outcome: str, confidence: float | None) -> None:
-        AGENT_QUERIES.labels(outcome=outcome).inc()
-        if self.on_outcome is not None:
-            self.on_outcome(outcome, confidence)
-
-    def _session_lock(self, session: Session | None) -> AbstractAsyncContextManager[object]:
-        return session.lock if session is not None else nullcontext()
+    def _context(self) -> GraphContext:
+        ranker = self._knowledge.current.ranker
+        return GraphContext(self._settings, self._embedder, ranker, self._generator)
 
     @staticmethod
-    def _input(question: str, session: Session | None, streaming: bool) -> InputState:
+    def _input(question: Question, streaming: bool) -> InputState:
+        session = question.session
         previous = session.turns[-1].resolved_question if session is not None and session.turns else None
         return {
-            "question": question,
+            "question": question.text,
             "previous_question": previous,
             "session_id": session.id if session is not None else None,
             "streaming": streaming,
         }
 
-    async def _final_state(self, state: InputState) -> AgentState:
+    async def _final_state(self, question: Question) -> AgentState:
         """Run the graph, or reuse the outcome of an identical earlier run from the answer cache."""
         started = time.perf_counter()
-        key: AnswerKey = (state["question"], state["previous_question"])
+        state = self._input(question, streaming=False)
+        snapshot = self._knowledge.current
+        key: AnswerKey = (snapshot.version, state["question"], state["previous_question"])
         final = self._answers.get(key) if self._answers is not None else None
-        if self._answers is not None:
-            ANSWER_CACHE_REQUESTS.labels(result="miss" if final is None else "hit").inc()
-            if final is None:
-                self.answer_cache_misses += 1
-            else:
-                self.answer_cache_hits += 1
         if final is None:
-            final = await self._run(state)
+            context = GraphContext(self._settings, self._embedder, snapshot.ranker, self._generator)
+            try:
+                final = cast(AgentState, await self._graph.ainvoke(state, context=context))
+            except EmbeddingError as error:
+                self._failed(error)
+                raise AgentUnavailableError(EMBEDDING_UNAVAILABLE) from error
             if self._answers is not None:
-                self._answers[key] = _outcome_of(final)
+                self._answers.put(key, final)
         AGENT_PROCESSING.observe(time.perf_counter() - started)
         return final
 
-    async def _run(self, state: InputState) -> AgentState:
-        try:
-            final: AgentState = await self._graph.ainvoke(state)  # type: ignore[assignment]
-        except EmbeddingError as error:
-            self._count("error", None)
-            logger.error("agent_failed", error=str(error))
-            raise AgentUnavailableError("The embedding model is unavailable; please retry shortly.") from error
-        return final
+    def _count(self, outcome: str, confidence: float | None) -> None:
+        AGENT_QUERIES.labels(outcome=outcome).inc()
+        if self._on_outcome is not None:
+            self._on_outcome(outcome, confidence)
 
-    async def _finish(self, question: str, state: AgentState, session: Session | None) -> AgentResult:
+    def _failed(self, error: EmbeddingError) -> None:
+        self._count("error", None)
+        logger.error("agent_failed", error=str(error))
+
+    async def _finish(self, question: Question, state: AgentState) -> AgentResult:
         stage = state["processing_stage"]
+        session = question.session
         self._count("answered" if stage == "response_complete" else "no_match", state["confidence"])
         AGENT_CONFIDENCE.observe(state["confidence"])
         result = AgentResult(
@@ -207,10 +212,10 @@ class DeFiAgent:
             error=state.get("error"),
         )
         if session is not None:
-            await self.sessions.add_turn(
+            await self._sessions.add_turn(
                 session,
                 Turn(
-                    question=question,
+                    question=question.text,
                     resolved_question=result.resolved_question,
                     answer=result.answer,
                     confidence=result.confidence,
@@ -221,10 +226,10 @@ class DeFiAgent:
             )
         logger.info(
             "question_answered",
-            question=truncate_for_log(question),
+            question=truncate_for_log(question.text),
             processing_stage=stage,
             confidence=result.confidence,
-            top_source=result.sources[0]["id"] if result.sources else None,
+            top_source=result.sources[0].id if result.sources else None,
             session_id=result.session_id,
         )
         return result

@@ -35,6 +35,11 @@ def extract_topic(question: str) -> str | None:
     return text
 
 
+def looks_like_follow_up(question: str) -> bool:
+    """Whether `question` leans on the previous turn (a pronoun, or "what about ..."): it may be rewritten."""
+    return bool(_PRONOUN.search(question) or _WHAT_ABOUT.match(question.strip()))
+
+
 def _possessive(topic: str) -> str:
     return f"{topic}'" if topic.endswith("s") else f"{topic}'s"
 

@@ -1,15 +1,19 @@
-"""The question-answering graph: understand -> search -> compose (extractive mode).
+"""The question-answering graph: understand -> search -> compose, or -> generate in generative mode.
 
-Nodes are async functions over the typed state that return only the keys they change. When the
-caller streams (`streaming=True`), `compose` writes `metadata` and `word` events through LangGraph's
-custom stream; `ainvoke` callers get the final state and no events. Steps are only as fine as they
-need to be: each node, and each conditional edge, costs a fixed ~0.1-0.26 ms of CPU in LangGraph
-(docs/performance.md), as much as the ranking of a question in a batch.
+Read top to bottom: the async nodes over the typed state (each returns only the keys it changes), the
+router after `search`, then the `StateGraph` wiring. Run-time dependencies (settings, embedder, ranker,
+chat model) arrive through LangGraph's runtime context (`agents.context.GraphContext`), so each node
+can be called on its own.
 
-In generative mode a conditional edge after `search` sends a matched question to `generate` instead: a
-chat model writes the answer from the top entries, and the node streams it as whole words while it is
-generated (its `metadata` comes first, with `total_words` null because the length is not known yet). If
-the model fails, the extractive answer is used and `error` says why.
+When the caller streams (`streaming=True`), `compose` and `generate` write typed stream events
+(`agents.events`) through the runtime's stream writer; `ainvoke` callers get the final state only.
+Steps are only as fine as they need to be: each node, and each conditional edge, costs a fixed
+~0.1-0.26 ms of CPU in LangGraph (docs/performance.md).
+
+In generative mode a matched question goes to `generate`: a chat model writes the answer from the top
+entries and the node streams it as whole words while it is generated (its `metadata` comes first, with
+`total_words` null because the length is not known yet). If the model fails, the extractive answer is
+used and `error` says why.
 """
 
 from __future__ import annotations
@@ -18,23 +22,24 @@ import asyncio
 import functools
 import re
 import time
-from collections.abc import Awaitable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
 from typing import Any, Literal, Protocol
 
 import structlog
-from langgraph.config import get_stream_writer
 from langgraph.graph import END, START, StateGraph
 from langgraph.graph.state import CompiledStateGraph
+from langgraph.runtime import Runtime
 
+from agents.context import GraphContext
+from agents.events import MetadataEvent, WordEvent
 from agents.followup import resolve_follow_up
 from agents.state import AgentState, InputState
 from agents.validation import clean_question
 from agents.words import WordRegrouper
 from infrastructure.metrics import AGENT_NODE_DURATION, ANSWER_GENERATIONS
-from services.embeddings import EmbeddingService
-from services.generation import AnswerGenerator, GenerationError, Passage
-from services.retrieval import BatchedRetriever, Match
+from services.generation import GenerationError, Passage
+from services.retrieval import Match
+from services.sources import Source
 
 logger = structlog.get_logger(__name__)
 
@@ -42,34 +47,30 @@ NO_MATCH_PREFIX = "I don't have a reliable answer to that."
 SUGGESTION_COUNT = 3
 INTERRUPTED_NOTICE = "[The generated answer was interrupted; the knowledge base answer follows.]"
 
+Update = dict[str, Any]
+
 
 class Node(Protocol):
-    """An async graph node: takes the state, returns the keys it changes."""
+    """An async graph node: takes the state (and the run's context), returns the keys it changes."""
 
-    def __call__(self, state: AgentState) -> Awaitable[dict[str, Any]]: ...
-
-
-@dataclass(frozen=True)
-class AgentSettings:
-    """The knobs the graph reads."""
-
-    similarity_threshold: float
-    max_results: int
-    question_max_chars: int
-    word_delay_seconds: float
-    context_entries: int = 3
+    def __call__(self, state: AgentState, *, runtime: Runtime[GraphContext]) -> Awaitable[Update]: ...
 
 
-def _timed(name: str, node: Node) -> Node:
-    @functools.wraps(node)
-    async def run(state: AgentState) -> dict[str, Any]:
-        started = time.perf_counter()
-        try:
-            return await node(state)
-        finally:
-            AGENT_NODE_DURATION.labels(node=name).observe(time.perf_counter() - started)
+def timed(name: str) -> Callable[[Node], Node]:
+    """Record the node's duration in `agent_node_duration_seconds{node=name}`."""
 
-    return run
+    def decorate(node: Node) -> Node:
+        @functools.wraps(node)
+        async def run(state: AgentState, *, runtime: Runtime[GraphContext]) -> Update:
+            started = time.perf_counter()
+            try:
+                return await node(state, runtime=runtime)
+            finally:
+                AGENT_NODE_DURATION.labels(node=name).observe(time.perf_counter() - started)
+
+        return run
+
+    return decorate
 
 
 def no_match_answer(suggestions: list[Match]) -> str:
@@ -83,10 +84,14 @@ def no_match_answer(suggestions: list[Match]) -> str:
     )
 
 
-def _sources(matches: list[Match]) -> list[dict[str, object]]:
-    return [
-        {"id": match.entry.id, "question": match.entry.question, "score": round(match.score, 4)} for match in matches
-    ]
+def sources_of(matches: list[Match]) -> list[Source]:
+    """The matches as sources, best first (scores rounded to 4 places)."""
+    return [Source(match.entry.id, match.entry.question, round(match.score, 4)) for match in matches]
+
+
+def is_matched(state: AgentState, context: GraphContext) -> bool:
+    """Whether the top entry clears the no-match threshold."""
+    return bool(state["matches"]) and state["confidence"] >= context.settings.similarity_threshold
 
 
 def _unknown_citations(words: list[str], entries: int) -> list[int]:
@@ -95,142 +100,136 @@ def _unknown_citations(words: list[str], entries: int) -> list[int]:
     return sorted(number for number in numbers if not 1 <= number <= entries)
 
 
-def build_graph(
-    embeddings: EmbeddingService,
-    retriever: BatchedRetriever,
-    settings: AgentSettings,
-    generator: AnswerGenerator | None = None,
-) -> CompiledStateGraph[AgentState, None, InputState, AgentState]:
-    """Compile the agent graph over the given services (`generator`: generative answers, else extractive)."""
+# --- nodes -------------------------------------------------------------------------------------------------
 
-    async def understand(state: AgentState) -> dict[str, Any]:
-        """Validate the question again (the graph is safe on its own), then resolve a follow-up."""
-        question = clean_question(state["question"], settings.question_max_chars)
-        previous = state.get("previous_question")
-        candidates = [resolve_follow_up(question, previous), question]
-        if generator is not None and previous:
-            try:
-                rewritten = await generator.rewrite(question, previous)
-            except GenerationError as error:
-                logger.warning("follow_up_rewrite_failed", reason=error.reason)
-                rewritten = None
-            if rewritten:
-                candidates.insert(0, rewritten[: settings.question_max_chars])
-        return {"question": question, "candidates": list(dict.fromkeys(candidates))}
 
-    async def search(state: AgentState) -> dict[str, Any]:
-        """Embed every candidate (through the caches), rank them all, keep the one whose best entry scores higher."""
-        candidates = state["candidates"]
-        vectors = await asyncio.gather(*(embeddings.embed_query(text) for text in candidates))
-        best_text, best_matches = "", list[Match]()
-        ranked = await retriever.search(vectors, candidates)
-        for text, matches in zip(candidates, ranked, strict=True):
-            if not best_matches or (matches and matches[0].score > best_matches[0].score):
-                best_text, best_matches = text, matches
-        confidence = best_matches[0].score if best_matches else 0.0
-        return {"resolved_question": best_text, "matches": best_matches, "confidence": round(confidence, 4)}
+@timed("understand")
+async def understand(state: AgentState, *, runtime: Runtime[GraphContext]) -> Update:
+    """Validate the question again (the graph is safe on its own), then list the texts to search with.
 
-    def matched(state: AgentState) -> bool:
-        return bool(state["matches"]) and state["confidence"] >= settings.similarity_threshold
+    Candidates: the chat model's stand-alone rewrite (generative mode), the rule-based follow-up
+    rewrite, and the question as asked.
+    """
+    context = runtime.context
+    question = clean_question(state["question"], context.settings.question_max_chars)
+    previous = state.get("previous_question")
+    candidates = [resolve_follow_up(question, previous), question]
+    if context.generator is not None and previous:
+        try:
+            rewritten = await context.generator.rewrite(question, previous)
+        except GenerationError as error:
+            logger.warning("follow_up_rewrite_failed", reason=error.reason)
+            rewritten = None
+        if rewritten:
+            candidates.insert(0, rewritten[: context.settings.question_max_chars])
+    return {"question": question, "candidates": list(dict.fromkeys(candidates))}
 
+
+@timed("search")
+async def search(state: AgentState, *, runtime: Runtime[GraphContext]) -> Update:
+    """Embed every candidate (through the caches), rank them all, keep the one whose best entry scores higher."""
+    context = runtime.context
+    candidates = state["candidates"]
+    vectors = await asyncio.gather(*(context.embedder.embed_query(text) for text in candidates))
+    ranked = await context.ranker.search(vectors, candidates)
+    best_text, best_matches = "", list[Match]()
+    for text, matches in zip(candidates, ranked, strict=True):
+        if not best_matches or (matches and matches[0].score > best_matches[0].score):
+            best_text, best_matches = text, matches
+    confidence = best_matches[0].score if best_matches else 0.0
+    return {"resolved_question": best_text, "matches": best_matches, "confidence": round(confidence, 4)}
+
+
+async def route_after_search(state: AgentState, *, runtime: Runtime[GraphContext]) -> Literal["compose", "generate"]:
+    """A matched question goes to the chat model when there is one; everything else is composed."""
     # async: LangGraph runs a plain function router in its thread pool, a round trip per question.
-    async def decide(state: AgentState) -> Literal["compose", "generate"]:
-        return "generate" if matched(state) else "compose"
+    return "generate" if runtime.context.generator is not None and is_matched(state, runtime.context) else "compose"
 
-    async def emit(state: AgentState, answer: str, sources: list[dict[str, object]]) -> None:
-        """When streaming: one `metadata` event, then one `word` event per word of the finished answer."""
-        if not state.get("streaming"):
-            return
-        write = get_stream_writer()
+
+@timed("compose")
+async def compose(state: AgentState, *, runtime: Runtime[GraphContext]) -> Update:
+    """The top entry's answer when it clears the threshold, else the honest decline with suggestions."""
+    context = runtime.context
+    if is_matched(state, context):
+        answer, sources = state["matches"][0].entry.answer, sources_of(state["matches"])
+        stage: Literal["response_complete", "no_match"] = "response_complete"
+    else:
+        answer, sources, stage = no_match_answer(state["matches"]), [], "no_match"
+    if state.get("streaming"):
+        write = runtime.stream_writer
         words = answer.split()
         confidence = state["confidence"]
-        write(
-            {
-                "type": "metadata",
-                "session_id": state.get("session_id"),
-                "total_words": len(words),
-                "confidence": confidence,
-                "sources": sources,
-            }
-        )
+        write(MetadataEvent(state.get("session_id"), len(words), confidence, tuple(sources)))
+        delay = context.settings.word_delay_seconds
         for index, word in enumerate(words):
-            if settings.word_delay_seconds > 0:
-                await asyncio.sleep(settings.word_delay_seconds)
-            write({"type": "word", "content": word, "index": index, "confidence": confidence})
+            if delay > 0:
+                await asyncio.sleep(delay)
+            write(WordEvent(word, index, confidence))
+    return {"answer": answer, "sources": sources, "processing_stage": stage, "error": None}
 
-    async def compose(state: AgentState) -> dict[str, Any]:
-        """The top entry's answer when it clears the threshold, else the honest decline with suggestions."""
-        if matched(state):
-            answer, sources, stage = state["matches"][0].entry.answer, _sources(state["matches"]), "response_complete"
+
+@timed("generate")
+async def generate(state: AgentState, *, runtime: Runtime[GraphContext]) -> Update:
+    """The chat model's answer from the top entries, streamed as whole words; the extractive one if it fails."""
+    generator = runtime.context.generator
+    assert generator is not None  # the router sends questions here only in generative mode
+    top = state["matches"][: runtime.context.settings.context_entries]
+    sources = sources_of(top)  # exactly the entries the model sees, so [n] is sources[n - 1]
+    passages = [Passage(number, match.entry.question, match.entry.answer) for number, match in enumerate(top, 1)]
+    confidence = state["confidence"]
+    write = runtime.stream_writer if state.get("streaming") else None
+    if write is not None:
+        write(MetadataEvent(state.get("session_id"), None, confidence, tuple(sources)))
+    words: list[str] = []
+
+    def send(new_words: list[str]) -> None:
+        for word in new_words:
+            if write is not None:
+                write(WordEvent(word, len(words), confidence))
+            words.append(word)
+
+    regrouper = WordRegrouper()
+    failure: str | None = None
+    try:
+        async for delta in generator.stream(state["resolved_question"], passages):
+            send(regrouper.feed(delta))
+        send(regrouper.finish())
+        if not words:
+            failure = "empty"
+    except GenerationError as error:
+        failure = error.reason
+    ANSWER_GENERATIONS.labels(result=failure or "generated").inc()
+    if failure is None and (unknown := _unknown_citations(words, len(passages))):
+        logger.warning("generation_cited_unknown_entries", citations=unknown, entries=len(passages))
+    if failure is not None:
+        logger.warning("generation_fell_back", reason=failure, words_already_sent=len(words) if write else 0)
+        # Words a client has already seen cannot be taken back: say so, then give the extractive answer.
+        if write is None or not words:
+            words.clear()
+            send(top[0].entry.answer.split())
         else:
-            answer, sources, stage = no_match_answer(state["matches"]), [], "no_match"
-        await emit(state, answer, sources)
-        return {"answer": answer, "sources": sources, "processing_stage": stage, "error": None}
+            send(INTERRUPTED_NOTICE.split() + top[0].entry.answer.split())
+    return {
+        "answer": " ".join(words),
+        "sources": sources,
+        "processing_stage": "response_complete",
+        "error": f"generative_fallback: {failure}" if failure is not None else None,
+    }
 
-    async def generate(state: AgentState) -> dict[str, Any]:
-        assert generator is not None
-        top = state["matches"][: settings.context_entries]
-        sources = _sources(top)  # exactly the entries the model sees, so [n] is sources[n - 1]
-        passages = [Passage(number, match.entry.question, match.entry.answer) for number, match in enumerate(top, 1)]
-        confidence = state["confidence"]
-        write = get_stream_writer() if state.get("streaming") else None
-        if write is not None:
-            write(
-                {
-                    "type": "metadata",
-                    "session_id": state.get("session_id"),
-                    "total_words": None,
-                    "confidence": confidence,
-                    "sources": sources,
-                }
-            )
-        words: list[str] = []
 
-        def send(new_words: list[str]) -> None:
-            for word in new_words:
-                if write is not None:
-                    write({"type": "word", "content": word, "index": len(words), "confidence": confidence})
-                words.append(word)
+# --- wiring ------------------------------------------------------------------------------------------------
 
-        regrouper = WordRegrouper()
-        failure: str | None = None
-        try:
-            async for delta in generator.stream(state["resolved_question"], passages):
-                send(regrouper.feed(delta))
-            send(regrouper.finish())
-            if not words:
-                failure = "empty"
-        except GenerationError as error:
-            failure = error.reason
-        ANSWER_GENERATIONS.labels(result=failure or "generated").inc()
-        if failure is None and (unknown := _unknown_citations(words, len(passages))):
-            logger.warning("generation_cited_unknown_entries", citations=unknown, entries=len(passages))
-        if failure is not None:
-            logger.warning("generation_fell_back", reason=failure, words_already_sent=len(words) if write else 0)
-            # Words a client has already seen cannot be taken back: say so, then give the extractive answer.
-            if write is None or not words:
-                words.clear()
-                send(top[0].entry.answer.split())
-            else:
-                send(INTERRUPTED_NOTICE.split() + top[0].entry.answer.split())
-        return {
-            "answer": " ".join(words),
-            "sources": sources,
-            "processing_stage": "response_complete",
-            "error": f"generative_fallback: {failure}" if failure is not None else None,
-        }
 
-    graph = StateGraph(AgentState, input_schema=InputState)
-    graph.add_node("understand", _timed("understand", understand))
-    graph.add_node("search", _timed("search", search))
-    graph.add_node("compose", _timed("compose", compose))
+def build_graph() -> CompiledStateGraph[AgentState, GraphContext, InputState, AgentState]:
+    """Compile the agent graph (its dependencies come with each run's context)."""
+    graph = StateGraph(AgentState, context_schema=GraphContext, input_schema=InputState)
+    graph.add_node("understand", understand)
+    graph.add_node("search", search)
+    graph.add_node("compose", compose)
+    graph.add_node("generate", generate)
     graph.add_edge(START, "understand")
     graph.add_edge("understand", "search")
-    if generator is None:
-        graph.add_edge("search", "compose")
-    else:
-        graph.add_node("generate", _timed("generate", generate))
-        graph.add_conditional_edges("search", decide, ["compose", "generate"])
-        graph.add_edge("generate", END)  # streams its own events while the model writes
+    graph.add_conditional_edges("search", route_after_search, ["compose", "generate"])
     graph.add_edge("compose", END)
+    graph.add_edge("generate", END)
     return graph.compile()

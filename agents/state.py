@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TypedDict
 
 from services.retrieval import Match
+from services.sources import ProcessingStage, Source
 
 
 class InputState(TypedDict):
@@ -23,7 +24,7 @@ class AgentState(InputState, total=False):
     resolved_question: str
     matches: list[Match]
     confidence: float
-    processing_stage: str
+    processing_stage: ProcessingStage
     answer: str
-    sources: list[dict[str, object]]
+    sources: list[Source]
     error: str | None

@@ -3,54 +3,66 @@
 from __future__ import annotations
 
 import secrets
-from typing import Annotated
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any
 
 from fastapi import Depends, HTTPException, Request, Response
 from pydantic import SecretStr
+from starlette.requests import HTTPConnection
 
-from agents.agent import DeFiAgent
+from agents.agent import DeFiAgent, Question
+from agents.answer_cache import AnswerCache
 from api.monitoring import Monitoring
 from config import Settings
+from infrastructure.metrics import RATE_LIMIT_REJECTIONS
 from infrastructure.rate_limit import QuestionRateLimiter, RateLimitExceededError, client_address
+from middleware.request_context import route_template
+from services.embeddings import EmbeddingService
+from services.knowledge import LiveKnowledge
 from services.sessions import SessionStore
 
 # Dependencies are `async def` even where they do not await: FastAPI runs a plain `def` dependency in its
 # thread pool, a thread round trip per request for reading `app.state`.
 
 
-async def get_agent(request: Request) -> DeFiAgent:
-    """The agent built at start-up."""
-    agent: DeFiAgent = request.app.state.agent
-    return agent
+def from_state(name: str) -> Callable[[HTTPConnection], Awaitable[Any]]:
+    """A dependency returning the service the lifespan put on `app.state.<name>` (typed by its alias below)."""
+
+    async def dependency(connection: HTTPConnection) -> Any:
+        return getattr(connection.app.state, name)
+
+    dependency.__name__ = f"get_{name}"
+    return dependency
 
 
-async def get_sessions(request: Request) -> SessionStore:
-    """The session store built at start-up."""
-    store: SessionStore = request.app.state.agent.sessions
-    return store
+async def spend_budget(connection: HTTPConnection, route: str) -> dict[str, str]:
+    """Charge one question to the client's budget (HTTP or WebSocket); return the X-RateLimit-* headers.
 
-
-async def get_app_settings(request: Request) -> Settings:
-    """The settings the app was created with."""
-    settings: Settings = request.app.state.settings
-    return settings
+    Raises RateLimitExceededError (counted in rate_limit_rejections_total{route}) when the budget is spent.
+    """
+    limiter: QuestionRateLimiter = connection.app.state.rate_limiter
+    peer = connection.client.host if connection.client else None
+    key = client_address(peer, connection.headers, connection.app.state.trusted_networks)
+    decision = await limiter.spend(key)
+    if not decision.allowed:
+        RATE_LIMIT_REJECTIONS.labels(route=route).inc()
+        raise RateLimitExceededError(decision)
+    return decision.headers()
 
 
 async def spend_question_budget(request: Request, response: Response) -> None:
     """Charge one question to the client's budget; 429 when it is spent. Sets X-RateLimit-* headers."""
-    limiter: QuestionRateLimiter = request.app.state.rate_limiter
-    peer = request.client.host if request.client else None
-    key = client_address(peer, request.headers, request.app.state.trusted_networks)
-    decision = await limiter.spend(key)
-    if not decision.allowed:
-        raise RateLimitExceededError(decision)
-    response.headers.update(decision.headers())
+    response.headers.update(await spend_budget(request, route_template(request.scope)))
 
 
-async def get_monitoring(request: Request) -> Monitoring:
-    """The request/answer windows, loop-lag monitor and system sampler of this process."""
-    monitoring: Monitoring = request.app.state.monitoring
-    return monitoring
+async def accept_question(
+    agent: DeFiAgent, response: Response, raw: object, session_id: str | None, *, new_session: bool
+) -> Question:
+    """Validate the question and resolve its session through the agent; name the session in X-Session-ID."""
+    question = await agent.accept(raw, session_id, new_session=new_session)
+    if question.session is not None:
+        response.headers["X-Session-ID"] = question.session.id
+    return question
 
 
 def _bearer_token(request: Request) -> str | None:
@@ -96,7 +108,11 @@ AdminOnly = Depends(require_admin)
 AdminPage = Depends(require_admin_page)
 MetricsAuth = Depends(require_metrics_token)
 
-AgentDep = Annotated[DeFiAgent, Depends(get_agent)]
-SessionsDep = Annotated[SessionStore, Depends(get_sessions)]
-SettingsDep = Annotated[Settings, Depends(get_app_settings)]
-MonitoringDep = Annotated[Monitoring, Depends(get_monitoring)]
+AgentDep = Annotated[DeFiAgent, Depends(from_state("agent"))]
+SessionsDep = Annotated[SessionStore, Depends(from_state("sessions"))]
+SettingsDep = Annotated[Settings, Depends(from_state("settings"))]
+EmbeddingsDep = Annotated[EmbeddingService, Depends(from_state("embeddings"))]
+KnowledgeDep = Annotated[LiveKnowledge, Depends(from_state("knowledge"))]
+AnswerCacheDep = Annotated[AnswerCache | None, Depends(from_state("answer_cache"))]
+MonitoringDep = Annotated[Monitoring, Depends(from_state("monitoring"))]
+"""The monitoring windows, loop-lag monitor and system sampler of this process."""

@@ -12,13 +12,14 @@ from typing import Any, Literal
 
 import structlog
 
-from agents.agent import DeFiAgent
+from agents.answer_cache import AnswerCache
 from config import Settings
 from infrastructure.metrics import SSE_STREAMS_ACTIVE, WEBSOCKET_CONNECTIONS, gauge_value
-from infrastructure.performance import OutcomeWindow, RequestWindow
-from infrastructure.system import EventLoopLagMonitor, SystemSampler
+from infrastructure.system_stats import EventLoopLagMonitor, SystemSampler
+from infrastructure.windows import OutcomeWindow, RequestWindow
 from services.embedding_cache import DiskCache, MemoryCache, SharedCache
 from services.embeddings import EmbeddingService
+from services.knowledge import LiveKnowledge
 from services.sessions import SessionStore, SessionStoreUnavailableError
 
 logger = structlog.get_logger(__name__)
@@ -85,12 +86,11 @@ def cache_stats(embeddings: EmbeddingService) -> dict[str, Any]:
     return {"hit_rate": round(hits / first_lookups, 4) if first_lookups else None, "layers": layers}
 
 
-def answer_cache_stats(agent: DeFiAgent) -> dict[str, Any] | None:
+def answer_cache_stats(cache: AnswerCache | None) -> dict[str, Any] | None:
     """The answer cache's figures since start-up (None when it is off)."""
-    entries = agent.answer_cache_entries
-    if entries is None:
+    if cache is None:
         return None
-    return lookup_stats(entries, agent.answer_cache_hits, agent.answer_cache_misses)
+    return lookup_stats(len(cache), cache.hits, cache.misses)
 
 
 def embeddings_component(embeddings: EmbeddingService) -> dict[str, Any]:
@@ -150,8 +150,17 @@ def redis_component(problem: str | None) -> dict[str, Any]:
     )
 
 
+@dataclass(frozen=True)
+class ServingParts:
+    """What readiness judges: the embedding service, the live knowledge base and the no-match threshold."""
+
+    embeddings: EmbeddingService
+    knowledge: LiveKnowledge
+    similarity_threshold: float
+
+
 def health_report(
-    agent: DeFiAgent | None,
+    parts: ServingParts | None,
     monitoring: Monitoring,
     redis_problem: str | None = None,
     *,
@@ -161,20 +170,21 @@ def health_report(
     """The `/health-status` body. A Redis outage makes the service degraded, not unhealthy: it still answers."""
     components: dict[str, dict[str, Any]] = {}
     hit_rate: float | None = None
-    if agent is None:
+    if parts is None:
         components["agent"] = component("unhealthy", "the agent is not loaded")
     else:
-        stats = cache_stats(agent.embeddings)
+        snapshot = parts.knowledge.current
+        stats = cache_stats(parts.embeddings)
         hit_rate = stats["hit_rate"]
         components["agent"] = component(
             "healthy",
             "agent loaded",
-            phrasings=agent.retriever.phrasing_count,
-            similarity_threshold=agent.settings.similarity_threshold,
+            phrasings=snapshot.retriever.phrasing_count,
+            similarity_threshold=parts.similarity_threshold,
         )
-        components["embeddings"] = embeddings_component(agent.embeddings)
-        components["cache"] = cache_component(agent.embeddings, stats)
-        components["dataset"] = dataset_component(len(agent.retriever.knowledge_base))
+        components["embeddings"] = embeddings_component(parts.embeddings)
+        components["cache"] = cache_component(parts.embeddings, stats)
+        components["dataset"] = dataset_component(len(snapshot.knowledge_base))
     statuses: list[Status] = [entry["status"] for entry in components.values()]
     if redis_configured:
         components["redis"] = redis_component(redis_problem)

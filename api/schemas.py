@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
-ProcessingStage = Literal["response_complete", "no_match"]
+from services.sources import ProcessingStage, Source
 
 
 class AskRequest(BaseModel):
@@ -27,14 +27,6 @@ class SessionAskRequest(AskRequest):
     session_id: StrictStr | None = Field(
         default=None, pattern=r"^[A-Za-z0-9_-]{1,128}$", description="An id returned by an earlier answer."
     )
-
-
-class Source(BaseModel):
-    """A knowledge-base entry the answer was drawn from, with its similarity score."""
-
-    id: str
-    question: str
-    score: float = Field(ge=0.0, le=1.0)
 
 
 class AskResponse(BaseModel):

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import argparse
 import math
-import re
 import sys
-import unicodedata
 from pathlib import Path
+
+from agents.followup import looks_like_follow_up
+from services.text import normalize_text
 
 OUTPUT = Path(__file__).resolve().parent / "questions.txt"
 QUESTION_COUNT = 12_000  # a full `make bench` uses ~10,300: no question is sent twice in a run
@@ -164,14 +165,6 @@ PHRASINGS = [
     "{q} (short answer please)",
 ]
 
-_PRONOUN = re.compile(r"\b(its|it's|it|they|them|their|theirs|this|that|these|those)\b", re.IGNORECASE)
-_WHAT_ABOUT = re.compile(r"^(?:and\s+)?(?:what|how) about\s", re.IGNORECASE)
-
-
-def normalize(text: str) -> str:
-    """The normalisation of the embedding cache key (services.embedding_cache.normalize_text)."""
-    return " ".join(unicodedata.normalize("NFKC", text).lower().split())
-
 
 def _stride(total: int) -> int:
     """A step coprime with `total`, near total / golden ratio, so the walk visits every index once."""
@@ -192,8 +185,8 @@ def generate(count: int = QUESTION_COUNT) -> list[str]:
         template, topic, phrasing = combos[(position * step) % total]
         question = phrasing.format(q=template.format(t=topic))
         question = question[0].upper() + question[1:]
-        key = normalize(question)
-        if key in seen or _PRONOUN.search(question) or _WHAT_ABOUT.match(question):
+        key = normalize_text(question)
+        if key in seen or looks_like_follow_up(question):
             continue
         seen.add(key)
         questions.append(question)

@@ -159,11 +159,11 @@ def machine_info() -> dict[str, Any]:
 def embedder_baselines(questions: list[str], duration: float) -> dict[str, dict[str, Any]]:
     """Baselines B and C: the service's provider class, in this process, with nothing else running."""
     sys.path.insert(0, str(ROOT))
-    from services.embeddings import LocalMiniLMProvider
+    from services.embedding_providers import LocalMiniLMProvider
 
     provider = LocalMiniLMProvider()
     for start in range(0, 96, 32):  # warm-up: first runs allocate and tune
-        provider.embed(questions[start : start + 32])
+        provider.encode(questions[start : start + 32])
     results = {
         "baseline_b_embedder_single": _embed_for(provider, questions, 1, duration),
         "baseline_c_embedder_batch32": _embed_for(provider, questions, 32, duration),
@@ -185,7 +185,7 @@ def _embed_for(provider: Any, questions: list[str], batch: int, duration: float)
     while time.perf_counter() < deadline:
         texts = [questions[(position + offset) % len(questions)] for offset in range(batch)]
         position += batch
-        provider.embed(texts)
+        provider.encode(texts)
         done += batch
         calls += 1
     elapsed = time.perf_counter() - started

@@ -217,7 +217,10 @@ class RateLimitExceededError(Exception):
     """A client spent its whole question budget."""
 
     def __init__(self, decision: RateDecision) -> None:
-        super().__init__(f"Rate limit exceeded: {decision.limit} questions per window")
+        self.detail = (
+            f"Rate limit exceeded: {decision.limit} questions per window; retry in {decision.retry_after_seconds} s"
+        )
+        super().__init__(self.detail)
         self.decision = decision
 
 

@@ -13,9 +13,7 @@ from starlette.routing import Match
 
 from agents.agent import AgentUnavailableError
 from agents.validation import InvalidQuestionError
-from infrastructure.metrics import RATE_LIMIT_REJECTIONS
 from infrastructure.rate_limit import RateLimitExceededError
-from middleware.request_context import route_template
 from services.sessions import SessionStoreUnavailableError
 
 logger = structlog.get_logger(__name__)
@@ -117,10 +115,8 @@ async def _session_store_handler(request: Request, error: Exception) -> JSONResp
 async def _rate_limited_handler(request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, RateLimitExceededError)
     decision = error.decision
-    RATE_LIMIT_REJECTIONS.labels(route=route_template(request.scope)).inc()
     headers = {**decision.headers(), "Retry-After": str(decision.retry_after_seconds)}
-    detail = f"Rate limit exceeded: {decision.limit} questions per window; retry in {decision.retry_after_seconds} s"
-    return error_response(429, detail, "rate_limited", headers=headers)
+    return error_response(429, error.detail, "rate_limited", headers=headers)
 
 
 async def _unexpected_handler(request: Request, error: Exception) -> JSONResponse:

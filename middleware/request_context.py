@@ -13,7 +13,7 @@ from asgi_correlation_id import correlation_id
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from infrastructure.metrics import HTTP_REQUEST_DURATION, HTTP_REQUESTS, SSE_STREAMS_ACTIVE, STREAMS_CANCELLED
-from infrastructure.performance import RequestWindow
+from infrastructure.windows import RequestWindow
 
 logger = structlog.get_logger("access")
 

@@ -19,7 +19,6 @@ import os
 import struct
 import threading
 import time
-import unicodedata
 from collections import OrderedDict
 from pathlib import Path
 from typing import Literal
@@ -31,6 +30,7 @@ from redis.asyncio import Redis
 
 from infrastructure.metrics import EMBEDDING_CACHE_REQUESTS, SHARED_STORAGE_ERRORS
 from infrastructure.redis_client import RedisFailure
+from services.text import normalize_text
 
 logger = structlog.get_logger(__name__)
 
@@ -39,14 +39,14 @@ _HEADER = struct.Struct("<4sdI32s")
 CacheLayer = Literal["memory", "disk", "shared"]
 
 
-def normalize_text(text: str) -> str:
-    """Normalise text the way the cache key sees it: NFKC, lower case, single spaces."""
-    return " ".join(unicodedata.normalize("NFKC", text).lower().split())
-
-
 def cache_key(model_id: str, text: str) -> str:
-    """SHA256 key of the model id and the normalised text."""
-    return hashlib.sha256(f"{model_id}\n{normalize_text(text)}".encode()).hexdigest()
+    """SHA256 key of the model id and the normalised text; never raises, whatever the `str`.
+
+    Validation refuses questions that are not valid Unicode, but a key must not be the place that fails:
+    `surrogatepass` encodes lone surrogates too (valid text gets exactly the bytes plain UTF-8 gives).
+    """
+    material = f"{model_id}\n{normalize_text(text)}"
+    return hashlib.sha256(material.encode("utf-8", errors="surrogatepass")).hexdigest()
 
 
 class MemoryCache:

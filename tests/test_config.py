@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from agents.factory import embedding_parallelism
+from bootstrap import embedding_parallelism
 from config import Settings
 from tests.conftest import ROOT
 

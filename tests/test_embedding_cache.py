@@ -11,7 +11,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from services.embedding_cache import DiskCache, MemoryCache, cache_key, normalize_text
+from services.embedding_cache import DiskCache, MemoryCache, cache_key
+from services.text import normalize_text
 from tests.conftest import ServerProcess
 
 
@@ -102,7 +103,9 @@ def test_corrupted_entry_is_recomputed_by_live_server(
 ) -> None:
     cache_dir = tmp_path / "cache"
     shutil.copytree(shared_cache_dir / "index", cache_dir / "index")  # start warm: only the query cache is new
-    isolated = start_server(CACHE_DIR=str(cache_dir), AGENT_CACHE_ENABLED="false")
+    isolated = start_server(
+        CACHE_DIR=str(cache_dir), AGENT_CACHE_ENABLED="false", EMBEDDING_MEMORY_CACHE_ENABLED="false"
+    )
     question = {"question": "How does a health factor work on Aave?"}
     with httpx.Client(base_url=isolated.base_url, timeout=30) as client:
         first = client.post("/ask", json=question).json()

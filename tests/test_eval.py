@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from agents.factory import build_agent
+from bootstrap import stop_services
 from config import Settings
-from scripts.evaluate import evaluate, load_eval_questions
+from scripts.evaluate import build_services, evaluate, load_eval_questions
 from services.knowledge_base import load_knowledge_base
 from tests.conftest import ServerProcess
 
@@ -29,12 +29,11 @@ def test_eval_set_is_large_enough_and_labelled_with_real_ids() -> None:
 
 async def test_eval_floors(server: ServerProcess, shared_cache_dir: Path) -> None:
     settings = Settings(_env_file=None, cache_dir=shared_cache_dir)  # type: ignore[call-arg]
-    agent = build_agent(settings, load_knowledge_base(settings.dataset_path))
-    await agent.embeddings.start()
+    services = await build_services(settings)
     try:
-        report = await evaluate(agent, load_eval_questions())
+        report = await evaluate(services, load_eval_questions())
     finally:
-        await agent.embeddings.close()
+        await stop_services(services)
     rates = report.rates()
     print(f"eval: {rates} misses: {len(report.misses)}")
     assert rates["hit@1"] >= HIT_AT_1_FLOOR, report.misses

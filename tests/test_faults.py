@@ -112,7 +112,10 @@ def warm_cache_dir(root: Path, shared_cache_dir: Path) -> Path:
 
 def start(cache_dir: Path, log_path: Path) -> ServerProcess:
     # Memory cache off: every question reaches the disk cache, and so the fault.
-    server = ServerProcess({"CACHE_DIR": str(cache_dir), "AGENT_CACHE_ENABLED": "false"}, log_path)
+    server = ServerProcess(
+        {"CACHE_DIR": str(cache_dir), "AGENT_CACHE_ENABLED": "false", "EMBEDDING_MEMORY_CACHE_ENABLED": "false"},
+        log_path,
+    )
     try:
         server.wait_ready()
     except BaseException:

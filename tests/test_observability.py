@@ -32,10 +32,10 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from api.monitoring import Monitoring, health_report
+from api.monitoring import Monitoring, ServingParts, health_report
 from api.routes import health as health_routes
-from infrastructure.performance import OutcomeWindow, RequestWindow, percentile
 from infrastructure.rate_limit import QuestionRateLimiter
+from infrastructure.windows import OutcomeWindow, RequestWindow, percentile
 from middleware.errors import install_error_handlers
 from services.sessions import MemorySessionStore
 from tests.conftest import ServerProcess, poll_until
@@ -382,7 +382,8 @@ def test_cache_failure_degrades_health_and_recovery_restores_it(
     wait_until(lambda: httpx.get(url, timeout=10).json()["status"] == "healthy")
 
 
-def _fake_agent(entries: int, last_error: str | None = None, running: bool = True) -> SimpleNamespace:
+def _fake_parts(entries: int, last_error: str | None = None, running: bool = True) -> ServingParts:
+    """Stand-ins for the embedding service and the knowledge base, as readiness reads them."""
     embeddings = SimpleNamespace(
         provider=SimpleNamespace(name="local"),
         model_id="m",
@@ -393,29 +394,30 @@ def _fake_agent(entries: int, last_error: str | None = None, running: bool = Tru
         memory_cache=None,
         disk_cache=None,
     )
-    return SimpleNamespace(
-        embeddings=embeddings,
-        sessions=MemorySessionStore(60, 10, 5),
-        retriever=SimpleNamespace(phrasing_count=entries * 3, knowledge_base=[None] * entries),
-        settings=SimpleNamespace(similarity_threshold=0.4),
-    )
+    snapshot = SimpleNamespace(retriever=SimpleNamespace(phrasing_count=entries * 3), knowledge_base=[None] * entries)
+    return ServingParts(embeddings, SimpleNamespace(current=snapshot), 0.4)
 
 
 @pytest.mark.parametrize(
-    ("agent", "status", "failing"),
+    ("parts", "status", "failing"),
     [
-        (_fake_agent(3), "healthy", set()),
-        (_fake_agent(3, last_error="connection refused"), "degraded", {"embeddings"}),
-        (_fake_agent(3, running=False), "unhealthy", {"embeddings"}),
-        (_fake_agent(0), "unhealthy", {"dataset"}),
+        (_fake_parts(3), "healthy", set()),
+        (_fake_parts(3, last_error="connection refused"), "degraded", {"embeddings"}),
+        (_fake_parts(3, running=False), "unhealthy", {"embeddings"}),
+        (_fake_parts(0), "unhealthy", {"dataset"}),
         (None, "unhealthy", {"agent"}),
     ],
 )
-def test_health_status_judgement_and_503(agent: SimpleNamespace | None, status: str, failing: set[str]) -> None:
+def test_health_status_judgement_and_503(parts: ServingParts | None, status: str, failing: set[str]) -> None:
     app = FastAPI()
     install_error_handlers(app)
     app.include_router(health_routes.router)
-    app.state.agent = agent
+    app.state.agent = object() if parts is not None else None
+    if parts is not None:
+        app.state.embeddings = parts.embeddings
+        app.state.knowledge = parts.knowledge
+    app.state.sessions = MemorySessionStore(60, 10, 5)
+    app.state.settings = SimpleNamespace(agent_similarity_threshold=0.4)
     app.state.monitoring = Monitoring()
     app.state.rate_limiter = QuestionRateLimiter(10, 60, "memory://")
     with TestClient(app) as test_client:
@@ -428,13 +430,13 @@ def test_health_status_judgement_and_503(agent: SimpleNamespace | None, status: 
 
 def test_redis_component_reported_when_storage_is_shared() -> None:
     # Without Redis the service still answers stateless questions: degraded, not unhealthy.
-    report = health_report(_fake_agent(3), Monitoring(), "ConnectionError: refused", redis_configured=True)
+    report = health_report(_fake_parts(3), Monitoring(), "ConnectionError: refused", redis_configured=True)
     assert report["status"] == "degraded"
     assert report["components"]["redis"]["status"] == "unhealthy"
     assert "refused" in report["components"]["redis"]["detail"]
-    healthy = health_report(_fake_agent(3), Monitoring(), None, redis_configured=True)
+    healthy = health_report(_fake_parts(3), Monitoring(), None, redis_configured=True)
     assert healthy["status"] == "healthy" and healthy["components"]["redis"]["status"] == "healthy"
-    assert "redis" not in health_report(_fake_agent(3), Monitoring())["components"]
+    assert "redis" not in health_report(_fake_parts(3), Monitoring())["components"]
 
 
 # --- sliding windows (unit) ----------------------------------------------------------------------------------

@@ -37,8 +37,9 @@ from websockets.sync.client import connect
 from config import Settings
 from infrastructure.redis_client import create_redis
 from services.embedding_cache import SharedCache, cache_key
-from services.embeddings import LocalMiniLMProvider
+from services.embedding_providers import LocalMiniLMProvider
 from services.sessions import RedisSessionStore, SessionStoreUnavailableError, Turn
+from services.sources import Source
 from tests.conftest import ServerProcess, free_port, poll_until
 from tests.redis_server import REDIS_SERVER, RedisServer
 
@@ -194,8 +195,7 @@ def test_rate_limit_storage_follows_redis_url_unless_set(monkeypatch: pytest.Mon
 
 
 def _turn(question: str) -> Turn:
-    source = {"id": "x", "question": "q", "score": 0.5}
-    return Turn(question, question, "answer", 0.5, "response_complete", (source,), 1.0)
+    return Turn(question, question, "answer", 0.5, "response_complete", (Source("x", "q", 0.5),), 1.0)
 
 
 async def test_two_stores_appending_at_once_keep_every_turn(shared_redis: RedisServer) -> None:

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from config import get_settings
-from services.embedding_cache import normalize_text
 from services.knowledge_base import KnowledgeBase, load_knowledge_base
 from services.retrieval import LexicalIndex, Retriever
+from services.text import normalize_text
 
 
 @pytest.fixture(scope="module")

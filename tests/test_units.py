@@ -10,7 +10,7 @@ import pytest
 
 from agents.followup import extract_topic, resolve_follow_up
 from agents.validation import InvalidQuestionError, clean_question
-from infrastructure.system import freeze_startup_heap
+from infrastructure.runtime_tuning import freeze_startup_heap
 from services.knowledge_base import DatasetError, load_knowledge_base
 
 GOOD = {

@@ -5,8 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Response
 
 from agents.agent import AgentResult
-from api.deps import AgentDep, QuestionBudget, SessionsDep, SettingsDep
-from api.schemas import AskRequest, AskResponse, ErrorResponse, SessionAskRequest, SessionOut, Source, TurnOut
+from api.deps import AgentDep, QuestionBudget, SessionsDep, SettingsDep, accept_question
+from api.schemas import AskRequest, AskResponse, ErrorResponse, SessionAskRequest, SessionOut, TurnOut
 from middleware.errors import error_response
 
 router = APIRouter(tags=["questions"])
@@ -39,17 +39,14 @@ def _to_response(result: AgentResult) -> AskResponse:
 @router.post("/ask", response_model=AskResponse, responses=_ERRORS, dependencies=[QuestionBudget])
 async def ask(body: AskRequest, agent: AgentDep) -> AskResponse:
     """Answer one question without a session."""
-    question = agent.clean_question(body.question)
-    return _to_response(await agent.answer(question))
+    return _to_response(await agent.answer(await agent.accept(body.question)))
 
 
 @router.post("/v2/ask", response_model=AskResponse, responses=_ERRORS, dependencies=[QuestionBudget])
 async def ask_in_session(body: SessionAskRequest, agent: AgentDep, response: Response) -> AskResponse:
     """Answer a question inside a session; unknown or expired ids start a new session."""
-    question = agent.clean_question(body.question)
-    session = await agent.sessions.get_or_create(body.session_id)
-    response.headers["X-Session-ID"] = session.id
-    return _to_response(await agent.answer(question, session))
+    question = await accept_question(agent, response, body.question, body.session_id, new_session=True)
+    return _to_response(await agent.answer(question))
 
 
 @router.get("/v2/sessions/{session_id}", response_model=SessionOut, responses=_SESSION_ERRORS)
@@ -68,8 +65,8 @@ async def get_session(session_id: str, sessions: SessionsDep, settings: Settings
                 question=turn.question,
                 answer=turn.answer,
                 confidence=turn.confidence,
-                processing_stage=turn.processing_stage,  # type: ignore[arg-type]
-                sources=[Source.model_validate(source) for source in turn.sources],
+                processing_stage=turn.processing_stage,
+                sources=list(turn.sources),
                 timestamp=turn.timestamp,
             )
             for turn in session.turns

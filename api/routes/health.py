@@ -9,9 +9,8 @@ from fastapi.responses import JSONResponse
 from redis.asyncio import Redis
 from starlette.datastructures import State
 
-from agents.agent import DeFiAgent
-from api.deps import AgentDep, MetricsAuth, MonitoringDep
-from api.monitoring import count_sessions, health_report
+from api.deps import KnowledgeDep, MetricsAuth, MonitoringDep
+from api.monitoring import ServingParts, count_sessions, health_report
 from api.schemas import HealthResponse
 from infrastructure.metrics import exposition
 from infrastructure.rate_limit import QuestionRateLimiter
@@ -23,9 +22,9 @@ REDIS_CHECK_TIMEOUT_SECONDS = 2.0
 
 
 @router.get("/health", response_model=HealthResponse)
-async def health(agent: AgentDep) -> HealthResponse:
+async def health(knowledge: KnowledgeDep) -> HealthResponse:
     """Liveness: the process is up and the agent is loaded."""
-    entries = len(agent.retriever.knowledge_base)
+    entries = len(knowledge.current.knowledge_base)
     return HealthResponse(
         status="healthy", agent_loaded=True, message=f"DeFi Q&A agent ready with {entries} knowledge-base entries"
     )
@@ -35,11 +34,18 @@ async def health(agent: AgentDep) -> HealthResponse:
 async def health_status(request: Request, monitoring: MonitoringDep) -> JSONResponse:
     """Readiness: each component's status and headline figures; 503 when the service cannot answer."""
     state = request.app.state
-    agent: DeFiAgent | None = getattr(state, "agent", None)
+    parts = _serving_parts(state)
     configured, problem = await _redis_check(state)
-    sessions = await count_sessions(agent.sessions) if agent is not None else None
-    report = health_report(agent, monitoring, problem, redis_configured=configured, active_sessions=sessions)
+    sessions = await count_sessions(state.sessions) if getattr(state, "sessions", None) is not None else None
+    report = health_report(parts, monitoring, problem, redis_configured=configured, active_sessions=sessions)
     return JSONResponse(report, status_code=503 if report["status"] == "unhealthy" else 200)
+
+
+def _serving_parts(state: State) -> ServingParts | None:
+    """The services readiness judges, or None before the lifespan has built them."""
+    if getattr(state, "agent", None) is None:
+        return None
+    return ServingParts(state.embeddings, state.knowledge, state.settings.agent_similarity_threshold)
 
 
 async def _redis_check(state: State) -> tuple[bool, str | None]:

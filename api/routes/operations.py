@@ -7,7 +7,7 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from api.deps import AdminOnly, AgentDep, MonitoringDep
+from api.deps import AdminOnly, AnswerCacheDep, EmbeddingsDep, MonitoringDep, SessionsDep
 from api.monitoring import answer_cache_stats, cache_stats, count_sessions
 from infrastructure.metrics import SSE_STREAMS_ACTIVE, WEBSOCKET_CONNECTIONS, gauge_value
 
@@ -21,15 +21,17 @@ async def system_metrics(monitoring: MonitoringDep) -> dict[str, Any]:
 
 
 @router.get("/performance-stats")
-async def performance_stats(monitoring: MonitoringDep, agent: AgentDep) -> dict[str, Any]:
+async def performance_stats(
+    monitoring: MonitoringDep, embeddings: EmbeddingsDep, answer_cache: AnswerCacheDep, sessions: SessionsDep
+) -> dict[str, Any]:
     """Per-route count, latency percentiles and error rate over the sliding window; cache and answer figures."""
     return {
         "worker_pid": os.getpid(),  # these windows are per worker; Prometheus has the totals
         "requests": monitoring.requests.snapshot(),
         "answers": monitoring.outcomes.snapshot(),
-        "cache": cache_stats(agent.embeddings),
-        "answer_cache": answer_cache_stats(agent),
-        "sessions": {"active": await count_sessions(agent.sessions)},
+        "cache": cache_stats(embeddings),
+        "answer_cache": answer_cache_stats(answer_cache),
+        "sessions": {"active": await count_sessions(sessions)},
         "connections": {
             "websocket": int(gauge_value(WEBSOCKET_CONNECTIONS)),
             "sse_streams": int(gauge_value(SSE_STREAMS_ACTIVE)),

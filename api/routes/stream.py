@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any
 
 import structlog
 from fastapi import APIRouter, Depends, Query, Response
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
-from agents.agent import DeFiAgent
-from api.deps import AgentDep, QuestionBudget
+from agents.agent import Question
+from api.deps import AgentDep, QuestionBudget, accept_question
 from api.schemas import AskRequest, ErrorResponse, SessionAskRequest
-from services.sessions import Session
 
 logger = structlog.get_logger(__name__)
 router = APIRouter(tags=["streaming"])
@@ -36,21 +35,15 @@ _STREAM_DOC: dict[int | str, dict[str, Any]] = {
 }
 
 
-async def answer_events(agent: DeFiAgent, question: str, session: Session | None) -> AsyncIterator[ServerSentEvent]:
-    """Wrap the agent's events as SSE (open and abandoned streams are counted by RequestContextMiddleware)."""
-    async for event in agent.stream(question, session):
-        yield ServerSentEvent(data=event)
+# Each stream's question is accepted in a dependency, before the response starts: a bad question is a 422.
 
 
-async def _stateless_question(body: AskRequest, agent: AgentDep) -> str:
-    return agent.clean_question(body.question)
+async def _stateless_question(body: AskRequest, agent: AgentDep) -> Question:
+    return await agent.accept(body.question)
 
 
-async def _session_question(body: SessionAskRequest, agent: AgentDep, response: Response) -> tuple[str, Session]:
-    question = agent.clean_question(body.question)
-    session = await agent.sessions.get_or_create(body.session_id)
-    response.headers["X-Session-ID"] = session.id
-    return question, session
+async def _session_question(body: SessionAskRequest, agent: AgentDep, response: Response) -> Question:
+    return await accept_question(agent, response, body.question, body.session_id, new_session=True)
 
 
 async def _query_question(
@@ -60,39 +53,46 @@ async def _query_question(
     session_id: Annotated[
         str | None, Query(pattern=r"^[A-Za-z0-9_-]{1,128}$", description="Continue this session.")
     ] = None,
-) -> tuple[str, Session | None]:
-    cleaned = agent.clean_question(question)
-    if session_id is None:
-        return cleaned, None
-    session = await agent.sessions.get_or_create(session_id)
-    response.headers["X-Session-ID"] = session.id
-    return cleaned, session
+) -> Question:
+    return await accept_question(agent, response, question, session_id, new_session=False)
 
 
-@router.post("/ask-stream", response_class=EventSourceResponse, responses=_STREAM_DOC, dependencies=[QuestionBudget])
-async def ask_stream(
-    question: Annotated[str, Depends(_stateless_question)], agent: AgentDep
-) -> AsyncIterator[ServerSentEvent]:
-    """Stream the answer to one question, without a session."""
-    async for event in answer_events(agent, question, None):
-        yield event
+QuestionFrom = Callable[..., Awaitable[Question]]
 
 
-@router.post("/v2/ask-stream", response_class=EventSourceResponse, responses=_STREAM_DOC, dependencies=[QuestionBudget])
-async def ask_stream_in_session(
-    prepared: Annotated[tuple[str, Session], Depends(_session_question)], agent: AgentDep
-) -> AsyncIterator[ServerSentEvent]:
-    """Stream the answer inside a session (its id is in the `X-Session-ID` header and `metadata`)."""
-    question, session = prepared
-    async for event in answer_events(agent, question, session):
-        yield event
+def stream_endpoint(accept: QuestionFrom) -> Callable[..., AsyncIterator[ServerSentEvent]]:
+    """An SSE endpoint streaming the agent's events for the question `accept` prepared.
+
+    Open and abandoned streams are counted by RequestContextMiddleware.
+    """
+
+    # A default, not Annotated: under `from __future__ import annotations` the local `accept` could not be resolved.
+    async def endpoint(agent: AgentDep, question: Question = Depends(accept)) -> AsyncIterator[ServerSentEvent]:  # noqa: B008
+        async for event in agent.stream(question):
+            yield ServerSentEvent(data=event.to_wire())
+
+    return endpoint
 
 
-@router.get("/ask-stream", response_class=EventSourceResponse, responses=_STREAM_DOC, dependencies=[QuestionBudget])
-async def ask_stream_get(
-    prepared: Annotated[tuple[str, Session | None], Depends(_query_question)], agent: AgentDep
-) -> AsyncIterator[ServerSentEvent]:
-    """The same stream over GET, for browsers' `EventSource`."""
-    question, session = prepared
-    async for event in answer_events(agent, question, session):
-        yield event
+def _add(path: str, method: str, accept: QuestionFrom, name: str, description: str) -> None:
+    router.add_api_route(
+        path,
+        stream_endpoint(accept),
+        methods=[method],
+        name=name,
+        description=description,
+        response_class=EventSourceResponse,
+        responses=_STREAM_DOC,
+        dependencies=[QuestionBudget],
+    )
+
+
+_add("/ask-stream", "POST", _stateless_question, "ask_stream", "Stream the answer to one question, without a session.")
+_add(
+    "/v2/ask-stream",
+    "POST",
+    _session_question,
+    "ask_stream_in_session",
+    "Stream the answer inside a session (its id is in the `X-Session-ID` header and `metadata`).",
+)
+_add("/ask-stream", "GET", _query_question, "ask_stream_get", "The same stream over GET, for browsers' `EventSource`.")

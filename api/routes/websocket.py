@@ -18,12 +18,14 @@ import structlog
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from starlette.websockets import WebSocketState
 
-from agents.agent import DeFiAgent
+from agents.agent import DeFiAgent, Question
+from agents.events import CompleteEvent, ErrorEvent, MetadataEvent, WordEvent
 from agents.validation import InvalidQuestionError
+from api.deps import spend_budget
 from config import Settings
-from infrastructure.metrics import RATE_LIMIT_REJECTIONS, STREAMS_CANCELLED, WEBSOCKET_CONNECTIONS, WEBSOCKET_MESSAGES
-from infrastructure.rate_limit import QuestionRateLimiter, client_address
-from services.sessions import Session, SessionStoreUnavailableError
+from infrastructure.metrics import STREAMS_CANCELLED, WEBSOCKET_CONNECTIONS, WEBSOCKET_MESSAGES
+from infrastructure.rate_limit import RateLimitExceededError
+from services.sessions import Session, SessionStore, SessionStoreUnavailableError
 
 logger = structlog.get_logger(__name__)
 router = APIRouter()
@@ -41,16 +43,15 @@ class _PolicyViolationError(Exception):
 class ChatConnection:
     """One client connection: its session, its question queue and its tasks."""
 
-    def __init__(self, websocket: WebSocket, agent: DeFiAgent, settings: Settings, session: Session) -> None:
+    def __init__(
+        self, websocket: WebSocket, agent: DeFiAgent, sessions: SessionStore, settings: Settings, session: Session
+    ) -> None:
         self.websocket = websocket
         self.agent = agent
+        self.sessions = sessions
         self.settings = settings
         self.session = session
-        state = websocket.app.state
-        self.rate_limiter: QuestionRateLimiter = state.rate_limiter
-        peer = websocket.client.host if websocket.client else None
-        self.client_key = client_address(peer, websocket.headers, state.trusted_networks)
-        self.questions: asyncio.Queue[str] = asyncio.Queue(maxsize=settings.ws_max_queued_questions)
+        self.questions: asyncio.Queue[Question] = asyncio.Queue(maxsize=settings.ws_max_queued_questions)
         self.current_answer: asyncio.Task[None] | None = None
         self.last_heard = time.monotonic()
         self._recent_messages: deque[float] = deque()
@@ -64,8 +65,8 @@ class ChatConnection:
         WEBSOCKET_MESSAGES.labels(direction="out", type=str(message.get("type"))).inc()
 
     async def send_error(self, detail: str, code: str) -> None:
-        """An `error` message; both `message` and `error` carry the text (older clients read `error`)."""
-        await self.send({"type": "error", "message": detail, "error": detail, "code": code})
+        """An `error` message (agents.events.ErrorEvent)."""
+        await self.send(ErrorEvent(detail, code).to_wire())
 
     async def run(self) -> None:
         """Serve the connection until the client leaves or breaks a limit."""
@@ -112,7 +113,7 @@ class ChatConnection:
                 raise WebSocketDisconnect(message.get("code", 1000))
             self.last_heard = time.monotonic()
             with suppress(SessionStoreUnavailableError):  # a question then reports it; other messages need no store
-                await self.agent.sessions.touch(self.session)
+                await self.sessions.touch(self.session)
             self._count_message()
             text, data = message.get("text"), message.get("bytes")
             if text is None:
@@ -137,9 +138,14 @@ class ChatConnection:
     async def _handle_text(self, text: str) -> None:
         try:
             payload = json.loads(text)
-        except (json.JSONDecodeError, RecursionError):
+        except (ValueError, RecursionError) as error:
+            # JSONDecodeError is a ValueError, and so is an integer longer than Python's digit limit
+            # (sys.get_int_max_str_digits): JSON this server cannot read, refused like malformed JSON.
             WEBSOCKET_MESSAGES.labels(direction="in", type="invalid").inc()
-            await self.send_error("Message is not valid JSON", "invalid_json")
+            detail = "Message is not valid JSON"
+            if isinstance(error, ValueError) and not isinstance(error, json.JSONDecodeError):
+                detail = "Message cannot be read: a number in it has too many digits"
+            await self.send_error(detail, "invalid_json")
             return
         kind = payload.get("type") if isinstance(payload, dict) else None
         if not isinstance(kind, str) or kind not in _CLIENT_TYPES:
@@ -162,18 +168,16 @@ class ChatConnection:
         data = payload.get("data")
         raw = data.get("question") if isinstance(data, dict) else payload.get("question")
         try:
-            question = self.agent.clean_question(raw)
+            question = await self.agent.accept(raw)
         except InvalidQuestionError as error:
             await self.send_error(error.detail, error.code)
             return
-        decision = await self.rate_limiter.spend(self.client_key)
-        if not decision.allowed:
-            RATE_LIMIT_REJECTIONS.labels(route="/ws/ask").inc()
-            retry = decision.retry_after_seconds
-            await self.send_error(
-                f"Rate limit exceeded: {decision.limit} questions per window; retry in {retry} s", "rate_limited"
-            )
+        try:
+            await spend_budget(self.websocket, "/ws/ask")
+        except RateLimitExceededError as error:
+            await self.send_error(error.detail, "rate_limited")
             return
+        question = Question(question.text, self.session)
         try:
             self.questions.put_nowait(question)
         except asyncio.QueueFull:
@@ -204,15 +208,15 @@ class ChatConnection:
             if not task.cancelled() and (error := task.exception()) is not None:
                 raise error
 
-    async def _stream_answer(self, question: str) -> None:
+    async def _stream_answer(self, question: Question) -> None:
         sent_words = 0
         confidence = 0.0
         try:
-            async for event in self.agent.stream(question, self.session):
-                await self.send(event)
-                if event["type"] == "metadata":
-                    confidence = float(event["confidence"])
-                elif event["type"] == "word":
+            async for event in self.agent.stream(question):
+                await self.send(event.to_wire())
+                if isinstance(event, MetadataEvent):
+                    confidence = event.confidence
+                elif isinstance(event, WordEvent):
                     sent_words += 1
         except WebSocketDisconnect:
             STREAMS_CANCELLED.labels(transport="websocket").inc()
@@ -222,14 +226,7 @@ class ChatConnection:
             STREAMS_CANCELLED.labels(transport="websocket").inc()
             logger.info("stream_cancelled", transport="websocket", reason="client_cancelled")
             with suppress(Exception):
-                await self.send(
-                    {
-                        "type": "complete",
-                        "final_confidence": confidence,
-                        "processing_stage": "cancelled",
-                        "total_words": sent_words,
-                    }
-                )
+                await self.send(CompleteEvent(confidence, "cancelled", sent_words).to_wire())
             raise
 
     async def _heartbeat_loop(self) -> None:
@@ -246,7 +243,7 @@ class ChatConnection:
 
 async def _refuse(websocket: WebSocket, detail: str) -> None:
     """No session can be created (Redis down): one `error` message, then close 1011 (clients reconnect later)."""
-    message = {"type": "error", "message": detail, "error": detail, "code": "session_store_unavailable"}
+    message = ErrorEvent(detail, "session_store_unavailable").to_wire()
     with suppress(RuntimeError, WebSocketDisconnect):
         await websocket.send_text(json.dumps({**message, "timestamp": time.time()}))
         WEBSOCKET_MESSAGES.labels(direction="out", type="error").inc()
@@ -265,6 +262,7 @@ def origin_allowed(websocket: WebSocket, allowed_origins: list[str]) -> bool:
 async def websocket_ask(websocket: WebSocket) -> None:
     """Chat over a WebSocket; see docs/api.md for the message protocol."""
     agent: DeFiAgent = websocket.app.state.agent
+    sessions: SessionStore = websocket.app.state.sessions
     settings: Settings = websocket.app.state.settings
     if not origin_allowed(websocket, settings.allowed_origins):
         logger.warning("websocket_origin_refused", origin=websocket.headers.get("origin"))
@@ -272,12 +270,12 @@ async def websocket_ask(websocket: WebSocket) -> None:
         return
     await websocket.accept()
     try:
-        session = await agent.sessions.get_or_create(None)
+        session = await sessions.get_or_create(None)
     except SessionStoreUnavailableError as error:
         await _refuse(websocket, str(error))
         return
     WEBSOCKET_CONNECTIONS.inc()
-    connection = ChatConnection(websocket, agent, settings, session)
+    connection = ChatConnection(websocket, agent, sessions, settings, session)
     structlog.contextvars.bind_contextvars(session_id=connection.session.id)
     try:
         await connection.run()
