@@ -113,8 +113,15 @@ def build_embedding_service(settings: Settings, redis: Redis | None = None) -> E
 def build_session_store(settings: Settings, redis: Redis | None = None) -> SessionStore:
     """Sessions in Redis when REDIS_URL is set (shared by every process), otherwise in this process."""
     if redis is not None:
-        return RedisSessionStore(redis, settings.session_ttl_seconds, settings.session_max_turns)
-    return MemorySessionStore(settings.session_ttl_seconds, settings.max_sessions, settings.session_max_turns)
+        return RedisSessionStore(
+            redis, settings.session_ttl_seconds, settings.session_max_turns, settings.max_sessions_per_client
+        )
+    return MemorySessionStore(
+        settings.session_ttl_seconds,
+        settings.max_sessions,
+        settings.session_max_turns,
+        settings.max_sessions_per_client,
+    )
 
 
 def build_generator(settings: Settings) -> AnswerGenerator | None:
@@ -158,6 +165,7 @@ def agent_settings(settings: Settings) -> AgentSettings:
         question_max_chars=settings.question_max_chars,
         word_delay_seconds=settings.stream_word_delay_ms / 1000.0,
         context_entries=settings.answer_context_entries,
+        session_wait_seconds=settings.session_wait_seconds,
     )
 
 
@@ -181,6 +189,7 @@ async def build_core(
         cache_dir=settings.cache_dir if settings.cache_enabled else None,
     )
     knowledge = LiveKnowledge(snapshot)
+    embeddings.dimension = snapshot.retriever.dimension  # a cached vector of another size is refused
     sessions = build_session_store(settings, redis)
     generator = build_generator(settings)
     answer_cache = AnswerCache(settings.cache_max_size) if settings.agent_cache_enabled and generator is None else None

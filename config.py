@@ -49,10 +49,26 @@ class Settings(BaseSettings):
     redis_url: str | None = None
     trusted_proxies: Annotated[list[str], NoDecode] = Field(default_factory=list)
     max_body_bytes: int = Field(default=16_384, ge=1024)
-    secret_key: SecretStr | None = None
+    secret_key: SecretStr | None = None  # reserved: accepted but unused (nothing signs anything yet), so never required
     use_https: bool = False
     admin_token: SecretStr | None = None
     metrics_token: SecretStr | None = None
+    # Host names served (comma list; `*.example.com` any subdomain, `*` any host); others get 400 (middleware/hosts.py)
+    allowed_hosts: str = Field(
+        default="*",
+        pattern=(
+            r"(?i)^\s*(\*|\*\.[a-z0-9_-]+(\.[a-z0-9_-]+)*|[a-z0-9_-]+(\.[a-z0-9_-]+)*\.?(:[0-9]+)?|\[[0-9a-f:.]+\](:[0-9]+)?)\s*"
+            r"(,\s*(\*|\*\.[a-z0-9_-]+(\.[a-z0-9_-]+)*|[a-z0-9_-]+(\.[a-z0-9_-]+)*\.?(:[0-9]+)?|\[[0-9a-f:.]+\](:[0-9]+)?)\s*)*$"
+        ),
+    )
+
+    # Connection limits
+    max_connections: int = Field(default=4000, ge=1)  # per process (infrastructure/http_server.py); then 503
+    connection_reserve: int = Field(default=100, ge=0)  # busy connections over the cap, for /health and /metrics
+    max_connections_per_client: int = Field(default=100, ge=1)  # per client address (IPv6: per /64); then 429
+    max_request_header_bytes: int = Field(default=32_768, ge=1024, le=1_048_576)  # request line + headers; 431
+    request_header_timeout_seconds: float = Field(default=10.0, gt=0, le=300)  # to receive them all; then 408
+    keep_alive_timeout_seconds: int = Field(default=5, ge=1, le=300)  # idle keep-alive connections are closed
 
     # Agent and retrieval
     agent_similarity_threshold: float = Field(default=0.40, ge=0.0, le=1.0)
@@ -91,6 +107,8 @@ class Settings(BaseSettings):
     max_sessions: int = Field(default=10_000, gt=0)
     session_max_turns: int = Field(default=20, gt=0)
     session_cleanup_interval_seconds: float = Field(default=60.0, gt=0)
+    max_sessions_per_client: int = Field(default=100, gt=0)
+    session_wait_seconds: float = Field(default=15.0, ge=0.0, le=600.0)
 
     # Streaming
     stream_word_delay_ms: float = Field(default=0.0, ge=0.0, le=2000.0)
@@ -99,6 +117,7 @@ class Settings(BaseSettings):
     ws_max_message_bytes: int = Field(default=16_384, ge=1024)
     ws_max_messages_per_minute: int = Field(default=120, gt=0)
     ws_max_queued_questions: int = Field(default=10, gt=0)
+    ws_reference_lines: int = Field(default=3, ge=0, le=10)
 
     @field_validator("allowed_origins", "trusted_proxies", mode="before")
     @classmethod
@@ -148,10 +167,12 @@ class Settings(BaseSettings):
         if self.environment == "production":
             if self.debug:
                 raise ValueError("DEBUG must be false when ENVIRONMENT=production")
-            if self.secret_key is None:
-                raise ValueError("SECRET_KEY must be set when ENVIRONMENT=production")
             if "*" in self.allowed_origins:
                 raise ValueError("ALLOWED_ORIGINS must not contain '*' when ENVIRONMENT=production")
+        if self.use_https and not self.trusted_proxies:
+            # The service itself speaks plain HTTP (TLS ends at a proxy), and only a trusted proxy's
+            # X-Forwarded-Proto says a request came over HTTPS: without one every request would redirect to itself.
+            raise ValueError("USE_HTTPS=true needs TRUSTED_PROXIES: the address range of the proxy that ends TLS")
         if self.embedding_provider == "openai" and self.openai_api_key is None:
             raise ValueError("OPENAI_API_KEY must be set when EMBEDDING_PROVIDER=openai")
         if self.answer_mode == "generative" and self.openai_api_key is None:

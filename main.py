@@ -21,8 +21,11 @@ from infrastructure.rate_limit import parse_networks
 from infrastructure.system_stats import SystemSampler
 from middleware.body_limit import BodySizeLimitMiddleware
 from middleware.errors import install_error_handlers
+from middleware.hosts import AllowedHostsMiddleware
+from middleware.https_redirect import HttpsRedirectMiddleware
 from middleware.request_context import RequestContextMiddleware
 from middleware.security_headers import SecurityHeadersMiddleware
+from middleware.unhandled import UnhandledErrorMiddleware
 
 logger = structlog.get_logger(__name__)
 
@@ -75,7 +78,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.monitoring = Monitoring(system=SystemSampler(settings.cache_dir))
     app.state.seed_knowledge_base = load_seed_or_exit(settings)
     install_error_handlers(app)
+    # No trailing-slash redirects: `/metrics/` is a 404, and no Location is ever built from the Host header.
+    app.router.redirect_slashes = False
+    # Listed innermost first. Outermost to innermost: request id, access log, security headers, allowed hosts,
+    # HTTPS redirect (USE_HTTPS; its Location uses a Host already allowed), CORS, unexpected errors (a 500 passes
+    # through every layer above, so it carries their headers), body limit.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(UnhandledErrorMiddleware)
     app.add_middleware(
         CORSMiddleware,
         allow_origins=settings.allowed_origins,
@@ -84,7 +93,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         allow_headers=["Content-Type", "Authorization", "X-Request-ID"],
         expose_headers=["X-Request-ID", "X-Session-ID", "Retry-After"],
     )
-    app.add_middleware(SecurityHeadersMiddleware, use_https=settings.use_https)
+    app.add_middleware(
+        HttpsRedirectMiddleware,
+        enabled=settings.use_https,
+        trusted_networks=app.state.trusted_networks,
+        allowed_hosts=settings.allowed_hosts,
+    )
+    app.add_middleware(AllowedHostsMiddleware, allowed_hosts=settings.allowed_hosts)
+    app.add_middleware(
+        SecurityHeadersMiddleware, use_https=settings.use_https, trusted_networks=app.state.trusted_networks
+    )
     app.add_middleware(RequestContextMiddleware, window=app.state.monitoring.requests)
     app.add_middleware(CorrelationIdMiddleware, header_name="X-Request-ID")
     app.include_router(health.router)
@@ -100,7 +118,12 @@ app = create_app()
 
 
 def run() -> None:
-    """Serve with uvicorn on HOST:PORT, with the timeouts documented in docs/deployment.md."""
+    """Serve with uvicorn on HOST:PORT, with the timeouts and limits documented in docs/deployment.md."""
+    # Imported here, where only the serving process gets it: the module loads uvicorn's `websockets` protocol,
+    # which warns on import (UvicornDeprecationWarning) wherever `main` would be imported. Workers import it
+    # through uvicorn's config.
+    from infrastructure.http_server import LimitedHttpToolsProtocol, LimitedWebSocketProtocol
+
     settings = get_settings()
     with multiprocess_metrics(enabled=settings.workers > 1 and not settings.reload):
         uvicorn.run(
@@ -112,10 +135,16 @@ def run() -> None:
             log_config=None,
             access_log=False,
             proxy_headers=False,  # forwarded headers are honoured by the app, from TRUSTED_PROXIES only
-            timeout_keep_alive=5,
+            # httptools with per-client and total connection caps, a header size cap and a header deadline
+            # (infrastructure/http_server.py). It replaces uvicorn's limit_concurrency, which answered 503 to
+            # every request, /health included, once idle sockets filled it: MAX_CONNECTIONS with a reserve
+            # for the operator endpoints, and idle connections closed to make room.
+            http=LimitedHttpToolsProtocol,
+            timeout_keep_alive=settings.keep_alive_timeout_seconds,
             timeout_graceful_shutdown=10,
-            limit_concurrency=4000,
-            ws="websockets",  # closes bad frames (e.g. invalid UTF-8) without logging tracebacks
+            # uvicorn's "websockets" implementation (closes bad frames, e.g. invalid UTF-8, without logging
+            # tracebacks), which gives the client's connection slot back when the socket closes.
+            ws=LimitedWebSocketProtocol,
             ws_max_size=1024 * 1024,
             ws_ping_interval=20,
             ws_ping_timeout=20,

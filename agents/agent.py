@@ -8,20 +8,22 @@ the knowledge snapshot current at that moment and records the turn.
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Protocol, cast
 
 import structlog
 
 from agents.answer_cache import AnswerCache, AnswerKey
-from agents.context import AgentSettings, Generator, GraphContext, QueryEmbedder, Ranker
+from agents.context import AgentSettings, Generator, GraphContext, NameChecker, QueryEmbedder, Ranker
 from agents.events import CompleteEvent, ErrorEvent, StreamEvent
 from agents.graph import build_graph
 from agents.state import AgentState, InputState
 from agents.validation import clean_question
-from infrastructure.logging import truncate_for_log
+from infrastructure.logging import session_tag, truncate_for_log
 from infrastructure.metrics import AGENT_CONFIDENCE, AGENT_PROCESSING, AGENT_QUERIES
 from services.embedding_providers import EmbeddingError
 from services.sessions import Session, SessionStore, SessionStoreUnavailableError, Turn
@@ -39,6 +41,10 @@ class AgentUnavailableError(RuntimeError):
     """The agent cannot answer right now (e.g. the embedder failed); the caller should retry later."""
 
 
+class SessionBusyError(RuntimeError):
+    """Another question on the same session was still being answered after SESSION_WAIT_SECONDS."""
+
+
 class KnowledgeView(Protocol):
     """What the agent reads of one knowledge-base snapshot."""
 
@@ -50,6 +56,11 @@ class KnowledgeView(Protocol):
     @property
     def ranker(self) -> Ranker:
         """Ranks this snapshot's entries."""
+        ...
+
+    @property
+    def names(self) -> NameChecker:
+        """Every name this snapshot's entries mention (for questions about unknown ones)."""
         ...
 
 
@@ -106,31 +117,50 @@ class DeFiAgent:
         self._on_outcome = on_outcome
         self._graph = build_graph()
 
-    async def accept(self, raw: object, session_id: str | None = None, *, new_session: bool = False) -> Question:
+    async def accept(
+        self,
+        raw: object,
+        session_id: str | None = None,
+        *,
+        new_session: bool = False,
+        owner: str = "",
+        adopt_id: bool = False,
+    ) -> Question:
         """Validate a question (raises InvalidQuestionError) and attach its session.
 
-        `session_id` continues that session (a new one is started when it is unknown or expired);
-        `new_session` starts one when no id is given; otherwise the question is stateless.
+        `session_id` continues that session (a new one is started when it is unknown, expired or deleted);
+        `new_session` starts one when no id is given; otherwise the question is stateless. A new session
+        counts against `owner` (the client); `adopt_id` creates it under `session_id` itself (an id this
+        server announced but never stored).
         """
         text = clean_question(raw, self._settings.question_max_chars)
         if session_id is None and not new_session:
             return Question(text)
-        return Question(text, await self._sessions.get_or_create(session_id))
+        return Question(text, await self._sessions.get_or_create(session_id, owner, adopt_id=adopt_id))
 
     async def answer(self, question: Question) -> AgentResult:
-        """Answer one question; inside a session the previous turn gives follow-ups their context."""
-        session = question.session
-        if session is None:
-            return await self._finish(question, await self._final_state(question))
-        async with session.lock:
+        """Answer one question; inside a session the previous turn gives follow-ups their context.
+
+        Questions on one session are answered one at a time, in order (streams included): this one waits
+        for the running one up to SESSION_WAIT_SECONDS, then raises SessionBusyError.
+        """
+        async with self._turn_of(question.session):
             return await self._finish(question, await self._final_state(question))
 
-    async def stream(self, question: Question) -> AsyncIterator[StreamEvent]:
+    async def stream(self, question: Question) -> AsyncGenerator[StreamEvent, None]:
         """Yield `metadata`, `word`... and `complete` events; an `error` event ends a failed stream.
 
         No lock is held while events are yielded: a consumer that stops iterating (a client gone) can
         never block the session. The previous turn is read at the start and this turn appended at the end.
         """
+        try:
+            async with self._turn_of(question.session):
+                async for event in self._stream_locked(question):
+                    yield event
+        except SessionBusyError as error:
+            yield ErrorEvent(str(error), "session_busy", 409)
+
+    async def _stream_locked(self, question: Question) -> AsyncIterator[StreamEvent]:
         started = time.perf_counter()
         final: AgentState | None = None
         try:
@@ -143,28 +173,47 @@ class DeFiAgent:
                     final = cast(AgentState, chunk)
         except EmbeddingError as error:
             self._failed(error)
-            yield ErrorEvent(EMBEDDING_UNAVAILABLE, "embedding_unavailable")
+            yield ErrorEvent(EMBEDDING_UNAVAILABLE, "embedding_unavailable", 503)
             return
         AGENT_PROCESSING.observe(time.perf_counter() - started)
         assert final is not None
         try:
             result = await self._finish(question, final)
         except SessionStoreUnavailableError as error:  # the answer went out but the turn could not be saved
-            yield ErrorEvent(str(error), "session_store_unavailable")
+            yield ErrorEvent(str(error), "session_store_unavailable", 503)
             return
         yield CompleteEvent(result.confidence, result.processing_stage, len(result.answer.split()), result.error)
 
+    @asynccontextmanager
+    async def _turn_of(self, session: Session | None) -> AsyncIterator[None]:
+        """Hold the session's lock for one question (nothing for a stateless one), waiting a bounded time."""
+        if session is None:
+            yield
+            return
+        try:
+            await asyncio.wait_for(session.lock.acquire(), self._settings.session_wait_seconds)
+        except TimeoutError:
+            raise SessionBusyError(
+                "Another question on this session is still being answered; retry when it has finished"
+            ) from None
+        try:
+            yield
+        finally:
+            session.lock.release()
+
     def _context(self) -> GraphContext:
-        ranker = self._knowledge.current.ranker
-        return GraphContext(self._settings, self._embedder, ranker, self._generator)
+        snapshot = self._knowledge.current
+        return GraphContext(self._settings, self._embedder, snapshot.ranker, self._generator, snapshot.names)
 
     @staticmethod
     def _input(question: Question, streaming: bool) -> InputState:
         session = question.session
-        previous = session.turns[-1].resolved_question if session is not None and session.turns else None
+        last = session.turns[-1] if session is not None and session.turns else None
         return {
             "question": question.text,
-            "previous_question": previous,
+            "previous_question": last.resolved_question if last is not None else None,
+            "previous_subjects": last.subjects if last is not None else None,
+            "previous_entry": last.sources[0].id if last is not None and last.sources else None,
             "session_id": session.id if session is not None else None,
             "streaming": streaming,
         }
@@ -174,10 +223,17 @@ class DeFiAgent:
         started = time.perf_counter()
         state = self._input(question, streaming=False)
         snapshot = self._knowledge.current
-        key: AnswerKey = (snapshot.version, state["question"], state["previous_question"])
+        subjects = tuple(state.get("previous_subjects") or ())
+        key: AnswerKey = (
+            snapshot.version,
+            state["question"],
+            state["previous_question"],
+            subjects,
+            state.get("previous_entry"),
+        )
         final = self._answers.get(key) if self._answers is not None else None
         if final is None:
-            context = GraphContext(self._settings, self._embedder, snapshot.ranker, self._generator)
+            context = GraphContext(self._settings, self._embedder, snapshot.ranker, self._generator, snapshot.names)
             try:
                 final = cast(AgentState, await self._graph.ainvoke(state, context=context))
             except EmbeddingError as error:
@@ -210,26 +266,27 @@ class DeFiAgent:
             resolved_question=state["resolved_question"],
             session_id=session.id if session is not None else None,
             error=state.get("error"),
+            unknown_terms=tuple(state.get("unknown_terms", ())),
         )
         if session is not None:
-            await self._sessions.add_turn(
-                session,
-                Turn(
-                    question=question.text,
-                    resolved_question=result.resolved_question,
-                    answer=result.answer,
-                    confidence=result.confidence,
-                    processing_stage=stage,
-                    sources=tuple(result.sources),
-                    timestamp=time.time(),
-                ),
+            turn = Turn(
+                question=question.text,
+                resolved_question=result.resolved_question,
+                answer=result.answer,
+                confidence=result.confidence,
+                processing_stage=stage,
+                sources=tuple(result.sources),
+                timestamp=time.time(),
+                subjects=state.get("subjects"),  # None after a cached answer: the next question recovers them
             )
+            if not await self._sessions.add_turn(session, turn):
+                logger.info("turn_not_recorded", reason="session_deleted_or_expired", session=session_tag(session.id))
         logger.info(
             "question_answered",
             question=truncate_for_log(question.text),
             processing_stage=stage,
             confidence=result.confidence,
             top_source=result.sources[0].id if result.sources else None,
-            session_id=result.session_id,
+            session=session_tag(result.session_id),
         )
         return result

@@ -1,4 +1,4 @@
-"""Extractive answers remembered by (knowledge-base version, question, previous turn's resolved question).
+"""Extractive answers remembered by (knowledge-base version, question, previous turn, conversation subjects).
 
 An extractive answer is a pure function of those three, so a repeated question skips the graph. Generated
 answers are never cached (the agent is given no cache in generative mode).
@@ -11,8 +11,8 @@ from cachetools import LRUCache
 from agents.state import AgentState
 from infrastructure.metrics import ANSWER_CACHE_REQUESTS
 
-AnswerKey = tuple[int, str, str | None]
-"""(knowledge-base version, question, previous turn's resolved question)."""
+AnswerKey = tuple[int, str, str | None, tuple[str, ...], str | None]
+"""(knowledge-base version, question, previous turn's resolved question, conversation subjects, previous entry)."""
 
 
 class AnswerCache:
@@ -46,6 +46,8 @@ class AnswerCache:
             "answer": state["answer"],
             "sources": state["sources"],
             "error": state.get("error"),
+            "unknown_terms": state.get("unknown_terms", []),
+            "subjects": state.get("subjects", ()),
         }
 
     def __len__(self) -> int:

@@ -13,6 +13,7 @@ from typing import Protocol
 import numpy as np
 
 from services.generation import Passage
+from services.names import UnknownTerm
 from services.retrieval import Match
 
 
@@ -25,6 +26,7 @@ class AgentSettings:
     question_max_chars: int
     word_delay_seconds: float
     context_entries: int = 3
+    session_wait_seconds: float = 15.0
 
 
 class QueryEmbedder(Protocol):
@@ -55,6 +57,14 @@ class Generator(Protocol):
         ...
 
 
+class NameChecker(Protocol):
+    """Finds names in a question that the knowledge base never mentions."""
+
+    def unknown_terms(self, question: str) -> list[UnknownTerm]:
+        """The unknown names, in order, each with why it counts as one."""
+        ...
+
+
 @dataclass(frozen=True)
 class GraphContext:
     """Run-time dependencies of one graph run (built per question, so it holds that question's snapshot)."""
@@ -63,3 +73,4 @@ class GraphContext:
     embedder: QueryEmbedder
     ranker: Ranker
     generator: Generator | None = None
+    names: NameChecker | None = None

@@ -23,29 +23,42 @@ class MetadataEvent:
     total_words: int | None
     confidence: float
     sources: tuple[Source, ...]
+    unknown_terms: tuple[str, ...] = ()
 
     def to_wire(self) -> dict[str, Any]:
-        """The JSON object clients receive."""
-        return {
+        """The JSON object clients receive (`unknown_terms` only when the question names unknown things)."""
+        wire: dict[str, Any] = {
             "type": "metadata",
             "session_id": self.session_id,
             "total_words": self.total_words,
             "confidence": self.confidence,
             "sources": [source.to_wire() for source in self.sources],
         }
+        if self.unknown_terms:
+            wire["unknown_terms"] = list(self.unknown_terms)
+        return wire
 
 
 @dataclass(frozen=True, slots=True)
 class WordEvent:
-    """One whole word of the answer."""
+    """One whole word of the answer (or, with `reference`, one whole reference line)."""
 
     content: str
     index: int
     confidence: float
+    reference: bool = False  # a reference line appended for the original frontend (WebSocket only)
 
     def to_wire(self) -> dict[str, Any]:
-        """The JSON object clients receive."""
-        return {"type": "word", "content": self.content, "index": self.index, "confidence": self.confidence}
+        """The JSON object clients receive (`reference: true` only on reference lines)."""
+        wire: dict[str, Any] = {
+            "type": "word",
+            "content": self.content,
+            "index": self.index,
+            "confidence": self.confidence,
+        }
+        if self.reference:
+            wire["reference"] = True
+        return wire
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,14 +85,25 @@ class CompleteEvent:
 
 @dataclass(frozen=True, slots=True)
 class ErrorEvent:
-    """Ends a failed stream, or reports a refused message on a WebSocket; `code` is a stable reason."""
+    """Ends a failed stream, or reports a refused message on a WebSocket.
+
+    `code` is the HTTP status the same failure gets over REST (an integer, as in the error bodies) and
+    `reason` the stable machine-readable reason.
+    """
 
     message: str
-    code: str
+    reason: str
+    code: int
 
     def to_wire(self) -> dict[str, Any]:
         """The JSON object clients receive: `message` and `error` carry the same text (older clients read `error`)."""
-        return {"type": "error", "message": self.message, "error": self.message, "code": self.code}
+        return {
+            "type": "error",
+            "message": self.message,
+            "error": self.message,
+            "code": self.code,
+            "reason": self.reason,
+        }
 
 
 StreamEvent = MetadataEvent | WordEvent | CompleteEvent | ErrorEvent

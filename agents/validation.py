@@ -25,4 +25,21 @@ def clean_question(raw: object, max_chars: int) -> str:
         )
     if "\x00" in question:
         raise InvalidQuestionError("question_invalid_characters", "question must not contain NUL characters")
+    _check_encodable(question)
     return question
+
+
+def _check_encodable(question: str) -> None:
+    """Refuse text that is not valid Unicode: a `str` can hold lone surrogates (JSON's `\\ud800` escape).
+
+    Surrogate code points (U+D800..U+DFFF) are the only ones a Python `str` can hold that UTF-8 cannot
+    encode; they would break everything downstream that encodes the text (cache keys, logs, responses).
+    """
+    try:
+        question.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise InvalidQuestionError(
+            "question_invalid_characters",
+            f"question is not valid Unicode text: it contains a lone surrogate code point "
+            f"(U+{ord(question[error.start]):04X} at character {error.start}), which cannot be encoded as UTF-8",
+        ) from None

@@ -16,7 +16,7 @@ from api.monitoring import Monitoring
 from config import Settings
 from infrastructure.metrics import RATE_LIMIT_REJECTIONS
 from infrastructure.rate_limit import QuestionRateLimiter, RateLimitExceededError, client_address
-from middleware.request_context import route_template
+from middleware.request_context import RATE_LIMIT_HEADERS_KEY, route_template
 from services.embeddings import EmbeddingService
 from services.knowledge import LiveKnowledge
 from services.sessions import SessionStore
@@ -35,31 +35,41 @@ def from_state(name: str) -> Callable[[HTTPConnection], Awaitable[Any]]:
     return dependency
 
 
+def client_key(connection: HTTPConnection) -> str:
+    """The client's address (the forwarded one when the peer is a trusted proxy): budgets and session caps."""
+    peer = connection.client.host if connection.client else None
+    return client_address(peer, connection.headers, connection.app.state.trusted_networks)
+
+
 async def spend_budget(connection: HTTPConnection, route: str) -> dict[str, str]:
     """Charge one question to the client's budget (HTTP or WebSocket); return the X-RateLimit-* headers.
 
     Raises RateLimitExceededError (counted in rate_limit_rejections_total{route}) when the budget is spent.
     """
     limiter: QuestionRateLimiter = connection.app.state.rate_limiter
-    peer = connection.client.host if connection.client else None
-    key = client_address(peer, connection.headers, connection.app.state.trusted_networks)
-    decision = await limiter.spend(key)
+    decision = await limiter.spend(client_key(connection))
     if not decision.allowed:
         RATE_LIMIT_REJECTIONS.labels(route=route).inc()
         raise RateLimitExceededError(decision)
     return decision.headers()
 
 
-async def spend_question_budget(request: Request, response: Response) -> None:
-    """Charge one question to the client's budget; 429 when it is spent. Sets X-RateLimit-* headers."""
-    response.headers.update(await spend_budget(request, route_template(request.scope)))
+async def spend_question_budget(request: Request) -> None:
+    """Charge one question to the client's budget; 429 when it is spent.
+
+    The X-RateLimit-* headers go on whatever response follows, errors included (RequestContextMiddleware).
+    """
+    headers = await spend_budget(request, route_template(request.scope))
+    request.scope.setdefault("state", {})[RATE_LIMIT_HEADERS_KEY] = [
+        (name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()
+    ]
 
 
 async def accept_question(
-    agent: DeFiAgent, response: Response, raw: object, session_id: str | None, *, new_session: bool
+    agent: DeFiAgent, request: Request, response: Response, raw: object, session_id: str | None, *, new_session: bool
 ) -> Question:
     """Validate the question and resolve its session through the agent; name the session in X-Session-ID."""
-    question = await agent.accept(raw, session_id, new_session=new_session)
+    question = await agent.accept(raw, session_id, new_session=new_session, owner=client_key(request))
     if question.session is not None:
         response.headers["X-Session-ID"] = question.session.id
     return question

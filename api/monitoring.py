@@ -6,9 +6,11 @@ the service takes the worst of its components.
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 
 import structlog
 
@@ -17,6 +19,7 @@ from config import Settings
 from infrastructure.metrics import SSE_STREAMS_ACTIVE, WEBSOCKET_CONNECTIONS, gauge_value
 from infrastructure.system_stats import EventLoopLagMonitor, SystemSampler
 from infrastructure.windows import OutcomeWindow, RequestWindow
+from middleware.hosts import LOOPBACK_HOSTS, parse_allowed_hosts
 from services.embedding_cache import DiskCache, MemoryCache, SharedCache
 from services.embeddings import EmbeddingService
 from services.knowledge import LiveKnowledge
@@ -34,6 +37,66 @@ MONITORING_ROUTES = frozenset(
 
 ADMIN_ROUTES = ("/dashboard", "/system-metrics", "/performance-stats")
 
+CHECK_TIMEOUT_SECONDS = 0.5
+"""The longest a readiness probe waits for one dependency check (the checks run concurrently)."""
+CHECK_MAX_AGE_SECONDS = 1.0
+"""A dependency check's result is reused by every probe for this long."""
+
+T = TypeVar("T")
+
+
+class BoundedCheck(Generic[T]):
+    """One dependency check, shared by concurrent probes and bounded in time.
+
+    At most one run is in flight: a probe that finds one waits for it instead of starting another, so probes
+    never pile up on a frozen dependency. Callers wait until `timeout` s after the run started, no longer,
+    and then get `fallback`; the run goes on (each check is bounded by its own client timeouts), and probes
+    that come while it is overdue get `fallback` at once. A result is reused for `max_age` s.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        timeout: float = CHECK_TIMEOUT_SECONDS,
+        max_age: float = CHECK_MAX_AGE_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.name = name
+        self.timeout = timeout
+        self.max_age = max_age
+        self._clock = clock
+        self._task: asyncio.Task[tuple[T] | None] | None = None
+        self._deadline = 0.0
+        self._result: tuple[float, T] | None = None
+
+    async def result(self, run: Callable[[], Coroutine[Any, Any, T]], fallback: T) -> T:
+        """A recent result, or `run()`'s within `timeout` s, or `fallback` (no answer in time, or the check failed)."""
+        now = self._clock()
+        if self._result is not None and now - self._result[0] < self.max_age:
+            return self._result[1]
+        loop = asyncio.get_running_loop()
+        if self._task is None or self._task.done() or self._task.get_loop() is not loop:
+            self._task = loop.create_task(self._run(run), name=f"health-check-{self.name}")
+            self._deadline = now + self.timeout
+        remaining = self._deadline - now
+        if remaining <= 0:
+            return fallback
+        try:
+            answered = await asyncio.wait_for(asyncio.shield(self._task), remaining)
+        except TimeoutError:
+            return fallback
+        return answered[0] if answered is not None else fallback
+
+    async def _run(self, run: Callable[[], Coroutine[Any, Any, T]]) -> tuple[T] | None:
+        """`(value,)` when the check answered (kept for `max_age` s); None when it raised (logged)."""
+        try:
+            value = await run()
+        except Exception:
+            logger.warning("health_check_failed", check=self.name, exc_info=True)
+            return None
+        self._result = (self._clock(), value)
+        return (value,)
+
 
 @dataclass
 class Monitoring:
@@ -44,6 +107,8 @@ class Monitoring:
     loop_lag: EventLoopLagMonitor = field(default_factory=EventLoopLagMonitor)
     system: SystemSampler = field(default_factory=SystemSampler)
     last_status: Status | None = None
+    redis_check: BoundedCheck[str | None] = field(default_factory=lambda: BoundedCheck("redis"))
+    sessions_check: BoundedCheck[int | None] = field(default_factory=lambda: BoundedCheck("sessions"))
 
 
 def component(status: Status, detail: str, **extra: Any) -> dict[str, Any]:
@@ -198,7 +263,9 @@ def health_report(
     return {
         "status": status,
         "timestamp": time.time(),
-        "components": components,
+        # The original API documents plain strings here ("agent": "healthy"); the details sit beside them.
+        "components": {name: entry["status"] for name, entry in components.items()},
+        "component_details": components,
         "metrics": {
             "active_sessions": active_sessions,
             "websocket_connections": int(gauge_value(WEBSOCKET_CONNECTIONS)),
@@ -214,6 +281,15 @@ def health_report(
             "uptime_seconds": round(time.time() - monitoring.system.started_at, 3),
             "window_seconds": monitoring.requests.window_seconds,
         },
+    }
+
+
+def public_report(report: dict[str, Any]) -> dict[str, Any]:
+    """The `/health-status` body without details: the overall status and each component's status, nothing else."""
+    return {
+        "status": report["status"],
+        "timestamp": report["timestamp"],
+        "components": report["components"],
     }
 
 
@@ -236,4 +312,13 @@ def warn_if_operator_endpoints_open(settings: Settings) -> None:
     if settings.metrics_token is None:
         logger.warning(
             "metrics_endpoint_open", endpoints=["/metrics"], hint="set METRICS_TOKEN or restrict /metrics at the proxy"
+        )
+    hosts = set(parse_allowed_hosts(settings.allowed_hosts))
+    if "*" in hosts:
+        logger.warning("allowed_hosts_any", hint="set ALLOWED_HOSTS to the names clients use (any Host is served)")
+    elif hosts <= LOOPBACK_HOSTS:
+        logger.warning(
+            "allowed_hosts_local_only",
+            allowed_hosts=settings.allowed_hosts,
+            hint="requests for any other host name get 400: set ALLOWED_HOSTS to the names clients use",
         )

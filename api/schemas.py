@@ -38,6 +38,10 @@ class AskResponse(BaseModel):
     error: str | None = None
     session_id: str | None = None
     sources: list[Source]
+    unknown_terms: list[str] = Field(
+        default_factory=list,
+        description="Names in the question that the knowledge base never mentions; the answer says so.",
+    )
 
 
 class TurnOut(BaseModel):
@@ -70,8 +74,9 @@ class HealthResponse(BaseModel):
 
 
 class ErrorResponse(BaseModel):
-    """The error format of every endpoint."""
+    """The error format of every endpoint: `code` is the HTTP status, `reason` the stable reason."""
 
-    detail: str
-    type: str
-    code: str
+    detail: str = Field(description="What went wrong, for people.")
+    type: str = Field(description="The class of error, e.g. validation_error.")
+    code: int = Field(description="The HTTP status of the response.")
+    reason: str = Field(description="A stable machine-readable reason, e.g. question_empty.")

@@ -26,6 +26,8 @@ BENCH_ENV = {
     "HF_HUB_OFFLINE": "1",
     "RATE_LIMIT_REQUESTS_PER_MINUTE": "100000000",
     "WS_MAX_MESSAGES_PER_MINUTE": "100000000",
+    "MAX_CONNECTIONS_PER_CLIENT": "100000",  # every load-generator connection comes from 127.0.0.1
+    "MAX_SESSIONS_PER_CLIENT": "100000",  # 1,000 WebSockets from one address keep their own sessions
 }
 
 

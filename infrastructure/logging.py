@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import logging.handlers
 import re
@@ -22,6 +23,17 @@ def truncate_for_log(text: str) -> str:
     if len(text) <= _question_max_chars:
         return text
     return text[:_question_max_chars] + "…"
+
+
+def session_tag(session_id: str | None) -> str | None:
+    """What log lines carry for a session: a short hash, never the id itself.
+
+    A session id is a bearer capability (whoever has it can read the conversation); the tag still lets an
+    operator follow one session through the logs (`session=<tag>`).
+    """
+    if session_id is None:
+        return None
+    return hashlib.sha256(session_id.encode("utf-8", errors="surrogatepass")).hexdigest()[:12]
 
 
 def _redact_secrets(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:

@@ -34,6 +34,7 @@ import re
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
@@ -47,6 +48,11 @@ if TYPE_CHECKING:
     from slowapi import Limiter
 
 logger = structlog.get_logger(__name__)
+
+STORAGE_TIMEOUT_SECONDS = 1.0
+"""A remote storage's answer is awaited this long; then the question is let through (fail open)."""
+PAUSE_AFTER_FAILURE_SECONDS = 1.0
+"""After a failure the storage is skipped this long, so a frozen Redis does not slow every question."""
 
 _FORWARDED_FOR = re.compile(r'for="?\[?([^;,"\]]+)', re.IGNORECASE)
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -170,15 +176,23 @@ class QuestionRateLimiter:
             )
             self._item = RateLimitItemPerSecond(requests, window_seconds)
         self._failing = False
+        self._paused_until = 0.0
+        # Its own threads: calls stuck on a frozen storage must never hold the loop's default pool, which
+        # ranks questions; when these are all stuck, a question waits at most STORAGE_TIMEOUT_SECONDS.
+        self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="rate-limit")
 
     async def spend(self, client_key: str) -> RateDecision:
         """`hit` without blocking the event loop when the storage is remote (e.g. Redis); fails open."""
         if self._window is not None:
             return self._window.hit(client_key)
+        if time.monotonic() < self._paused_until:  # the storage just failed: do not queue behind it
+            return RateDecision(True, self.limit, self.limit, time.time(), counted=False)
         try:
-            decision = await asyncio.to_thread(self.hit, client_key)
-        except Exception as error:  # every storage backend raises its own client's errors
+            call = asyncio.get_running_loop().run_in_executor(self._executor, self.hit, client_key)
+            decision = await asyncio.wait_for(call, STORAGE_TIMEOUT_SECONDS)
+        except Exception as error:  # every storage backend raises its own client's errors; TimeoutError too
             SHARED_STORAGE_ERRORS.labels(component="rate_limit").inc()
+            self._paused_until = time.monotonic() + PAUSE_AFTER_FAILURE_SECONDS
             if not self._failing:
                 logger.warning("rate_limit_storage_unavailable", error=f"{type(error).__name__}: {error}"[:300])
             self._failing = True
@@ -235,6 +249,11 @@ def _in_networks(address: str, networks: list[Network]) -> bool:
     except ValueError:
         return False
     return any(parsed in network for network in networks)
+
+
+def from_trusted_proxy(peer: str | None, trusted: list[Network]) -> bool:
+    """Whether the socket peer is one of TRUSTED_PROXIES (so its forwarded headers may be believed)."""
+    return peer is not None and bool(trusted) and _in_networks(peer, trusted)
 
 
 def client_address(peer: str | None, headers: Mapping[str, str], trusted: list[Network]) -> str:

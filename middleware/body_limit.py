@@ -7,7 +7,7 @@ import json
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from middleware.errors import error_body
+from infrastructure.error_format import error_body
 
 
 class BodyTooLargeError(HTTPException):

@@ -1,4 +1,4 @@
-"""Every error leaves the service as `{"detail", "type", "code"}`: a precise 4xx, or a 500 without internals."""
+"""Every error leaves as `{"detail", "type", "code", "reason"}`: a precise 4xx, or a 500 without internals."""
 
 from __future__ import annotations
 
@@ -11,39 +11,25 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from agents.agent import AgentUnavailableError
+from agents.agent import AgentUnavailableError, SessionBusyError
 from agents.validation import InvalidQuestionError
+from infrastructure.error_format import error_body
 from infrastructure.rate_limit import RateLimitExceededError
 from services.sessions import SessionStoreUnavailableError
 
 logger = structlog.get_logger(__name__)
 
-_STATUS_TYPES: dict[int, tuple[str, str]] = {
-    400: ("bad_request", "bad_request"),
-    401: ("authentication_error", "unauthorized"),
-    403: ("permission_error", "forbidden"),
-    404: ("not_found", "not_found"),
-    405: ("method_not_allowed", "method_not_allowed"),
-    408: ("timeout", "request_timeout"),
-    413: ("payload_too_large", "payload_too_large"),
-    415: ("unsupported_media_type", "unsupported_media_type"),
-    422: ("validation_error", "invalid_request"),
-    429: ("rate_limit_exceeded", "rate_limited"),
-    503: ("service_unavailable", "service_unavailable"),
-}
 
-
-def error_body(status: int, detail: str, code: str | None = None) -> dict[str, Any]:
-    """The project's error format."""
-    error_type, default_code = _STATUS_TYPES.get(status, ("internal_error", "internal_error"))
-    return {"detail": detail, "type": error_type, "code": code or default_code}
+def internal_error_body() -> dict[str, Any]:
+    """The 500 body: the project's format, nothing about the failure itself (that goes to the log)."""
+    return error_body(500, "Internal server error", "internal_error")
 
 
 def error_response(
-    status: int, detail: str, code: str | None = None, headers: dict[str, str] | None = None
+    status: int, detail: str, reason: str | None = None, headers: dict[str, str] | None = None
 ) -> JSONResponse:
-    """A JSON error response in the project's format."""
-    return JSONResponse(error_body(status, detail, code), status_code=status, headers=headers)
+    """A JSON error response in the project's format (`code` the status, `reason` the stable reason)."""
+    return JSONResponse(error_body(status, detail, reason), status_code=status, headers=headers)
 
 
 def _describe_validation(error: RequestValidationError) -> tuple[str, str]:
@@ -112,6 +98,10 @@ async def _session_store_handler(request: Request, error: Exception) -> JSONResp
     return error_response(503, str(error), "session_store_unavailable", headers={"Retry-After": "5"})
 
 
+async def _session_busy_handler(request: Request, error: Exception) -> JSONResponse:
+    return error_response(409, str(error), "session_busy", headers={"Retry-After": "1"})
+
+
 async def _rate_limited_handler(request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, RateLimitExceededError)
     decision = error.decision
@@ -120,8 +110,10 @@ async def _rate_limited_handler(request: Request, error: Exception) -> JSONRespo
 
 
 async def _unexpected_handler(request: Request, error: Exception) -> JSONResponse:
+    # Last resort, for a failure in the outer middlewares themselves: errors of the app proper are turned into
+    # 500s by `UnhandledErrorMiddleware` (middleware/unhandled.py), inside the request-id and security headers.
     logger.exception("unhandled_error", path=request.url.path)
-    return error_response(500, "Internal server error", "internal_error")
+    return JSONResponse(internal_error_body(), status_code=500)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -131,5 +123,6 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, _http_handler)
     app.add_exception_handler(AgentUnavailableError, _unavailable_handler)
     app.add_exception_handler(SessionStoreUnavailableError, _session_store_handler)
+    app.add_exception_handler(SessionBusyError, _session_busy_handler)
     app.add_exception_handler(RateLimitExceededError, _rate_limited_handler)
     app.add_exception_handler(Exception, _unexpected_handler)

@@ -12,6 +12,7 @@ import structlog
 from asgi_correlation_id import correlation_id
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from infrastructure.logging import session_tag
 from infrastructure.metrics import HTTP_REQUEST_DURATION, HTTP_REQUESTS, SSE_STREAMS_ACTIVE, STREAMS_CANCELLED
 from infrastructure.windows import RequestWindow
 
@@ -29,6 +30,10 @@ def _is_disconnect(error: BaseException) -> bool:
     if isinstance(error, BaseExceptionGroup):
         return all(_is_disconnect(inner) for inner in error.exceptions)
     return isinstance(error, anyio.BrokenResourceError | anyio.ClosedResourceError)
+
+
+RATE_LIMIT_HEADERS_KEY = "rate_limit_headers"
+"""Where a charged request keeps its X-RateLimit-* headers (in the ASGI scope's state), as raw header pairs."""
 
 
 class RequestContextMiddleware:
@@ -60,6 +65,10 @@ class RequestContextMiddleware:
             nonlocal status, session_id, event_stream, body_finished
             if message["type"] == "http.response.start":
                 status = message["status"]
+                budget = scope.get("state", {}).get(RATE_LIMIT_HEADERS_KEY)
+                if budget and not any(name.lower() == b"x-ratelimit-limit" for name, _ in message["headers"]):
+                    # The question was charged: every answer says so, errors (422, 409, 503) included.
+                    message["headers"] = [*message["headers"], *budget]
                 for name, value in message.get("headers", []):
                     if name.lower() == b"x-session-id":
                         session_id = value.decode("latin-1")
@@ -97,5 +106,5 @@ class RequestContextMiddleware:
                 route=route,
                 status=status,
                 duration_ms=round(duration * 1000, 2),
-                session_id=session_id,
+                session=session_tag(session_id),
             )

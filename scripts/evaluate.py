@@ -108,10 +108,10 @@ async def evaluate_kinds(services: Services, items: list[EvalItem], report: Repo
         elif kind == "unknown_name":
             result = await agent.answer(await agent.accept(question))
             report.unknown_names += 1
+            # A labelled name may be several words ("Vornhalt Finance"); naming any of its words as unknown counts.
             named = {term.lower() for term in result.unknown_terms}
-            honest = result.processing_stage == "no_match" or any(
-                term.lower() in named for term in item["unknown_terms"]
-            )
+            labelled = {word.lower().strip("$") for name in item["unknown_terms"] for word in name.split()}
+            honest = result.processing_stage == "no_match" or bool(named & labelled)
             report.unknown_names_honest += honest
             if not honest:
                 report.misses.append(f"UNKNOWN NAME answered as known {question!r} -> {result.sources[0].id}")

@@ -182,7 +182,7 @@ async def invalid(http: httpx.AsyncClient, client: Client, figures: Figures) -> 
     figures.requests["invalid"] += 1
     figures.statuses[response.status_code] += 1
     body = response.json() if response.headers.get("content-type", "").startswith("application/json") else None
-    if response.status_code != 422 or not isinstance(body, dict) or set(body) != {"detail", "type", "code"}:
+    if response.status_code != 422 or not isinstance(body, dict) or set(body) != {"detail", "type", "code", "reason"}:
         figures.error(f"invalid_status_{response.status_code}", response.text)
 
 
@@ -240,10 +240,11 @@ async def sse(http: httpx.AsyncClient, client: Client, figures: Figures, kind: s
 def _finish_stream(kind: str, events: list[dict[str, Any]], figures: Figures) -> None:
     """A stream read to its end: `metadata`, `word`..., `complete`, nothing else."""
     last = events[-1]["type"] if events else None
+    words = [event for event in events[1:-1] if not event.get("reference")]  # the original frontend's reference lines
     if (
         last == "complete"
         and events[0]["type"] == "metadata"
-        and events[-1].get("total_words") == len(events) - 2
+        and events[-1].get("total_words") == len(words)
         and all(event["type"] == "word" for event in events[1:-1])
     ):
         figures.streams["completed"] += 1
@@ -293,7 +294,7 @@ async def _ws_question(ws: ClientConnection, client: Client, figures: Figures, a
             await ws.send(json.dumps({"type": "cancel"}))
     last = events[-1]
     if deliberate_error:
-        if last["type"] == "error" and last.get("code") == "question_empty" and len(events) == 1:
+        if last["type"] == "error" and last.get("reason") == "question_empty" and len(events) == 1:
             figures.streams["deliberate_errors"] += 1
         else:
             figures.error("ws_expected_error", json.dumps(events[-2:]))
@@ -384,6 +385,8 @@ SOAK_SERVER_ENV = {
     "ENVIRONMENT": "test",
     "RATE_LIMIT_REQUESTS_PER_MINUTE": "100000000",
     "WS_MAX_MESSAGES_PER_MINUTE": "100000",
+    "MAX_CONNECTIONS_PER_CLIENT": "100000",  # every soak client connects from the same address
+    "MAX_SESSIONS_PER_CLIENT": "100000",
 }
 
 

@@ -13,6 +13,7 @@ CACHE_EXPIRY_DAYS. A Redis error is a miss (and the tier is skipped for a moment
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import os
@@ -83,6 +84,7 @@ class SharedCache:
 
     PREFIX = "defi:emb:"
     PAUSE_AFTER_ERROR_SECONDS = 2.0
+    TIMEOUT_SECONDS = 1.0  # a slower answer is a miss: a question never waits on a frozen Redis for long
 
     def __init__(self, client: Redis, expiry_days: int) -> None:
         self._redis = client
@@ -98,8 +100,8 @@ class SharedCache:
         vector: np.ndarray | None = None
         if time.monotonic() >= self._paused_until:
             try:
-                blob = await self._redis.get(self.PREFIX + key)
-            except RedisFailure as error:
+                blob = await asyncio.wait_for(self._redis.get(self.PREFIX + key), self.TIMEOUT_SECONDS)
+            except RedisFailure as error:  # TimeoutError included
                 self._failed(error)
             else:
                 self._succeeded()
@@ -118,7 +120,9 @@ class SharedCache:
             return
         payload = np.ascontiguousarray(vector, dtype="<f4").tobytes()
         try:
-            await self._redis.set(self.PREFIX + key, payload, ex=self._ttl_seconds)
+            await asyncio.wait_for(
+                self._redis.set(self.PREFIX + key, payload, ex=self._ttl_seconds), self.TIMEOUT_SECONDS
+            )
         except RedisFailure as error:
             self._failed(error)
         else:

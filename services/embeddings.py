@@ -60,6 +60,7 @@ class EmbeddingService:
         self._worker: asyncio.Task[None] | None = None
         self._inflight: dict[str, asyncio.Future[np.ndarray]] = {}
         self.model_calls = 0
+        self.dimension: int | None = None  # known from the first model call (the corpus, at start-up)
         self.last_error: str | None = None
         self.last_error_at: float | None = None
 
@@ -103,11 +104,32 @@ class EmbeddingService:
         # A waiter that is cancelled (client gone) leaves the shared computation running for the others.
         return await asyncio.shield(task)
 
+    def usable(self, vector: np.ndarray | None, layer: str) -> np.ndarray | None:
+        """`vector` when it can be one of this model's vectors (shape, dtype, finite, unit length), else None.
+
+        Every vector read from a cache passes here, so a malformed entry (another writer, a bug, a wrong
+        model) is a miss, logged once per read, and never reaches the ranking or another cache.
+        """
+        if vector is None:
+            return None
+        problem = None
+        if vector.ndim != 1 or vector.dtype != np.float32:
+            problem = f"shape {vector.shape} dtype {vector.dtype}"
+        elif self.dimension is not None and vector.shape[0] != self.dimension:
+            problem = f"{vector.shape[0]} dimensions, expected {self.dimension}"
+        elif not np.isfinite(vector).all() or abs(float(np.dot(vector, vector)) - 1.0) > 1e-3:
+            problem = "not a finite unit vector"
+        if problem is not None:
+            logger.warning("embedding_cache_entry_rejected", layer=layer, reason=problem)
+            return None
+        return vector
+
     async def _compute(self, text: str, key: str) -> np.ndarray:
         # Order after the memory LRU: shared tier (Redis), local disk, then the model.
-        vector = await self.shared_cache.get(key) if self.shared_cache is not None else None
+        shared = await self.shared_cache.get(key) if self.shared_cache is not None else None
+        vector = self.usable(shared, "shared")
         if vector is None:
-            vector = await self._lookup_disk(key)
+            vector = self.usable(await self._lookup_disk(key), "disk")
             if vector is None:
                 vector = await self._embed_batched(text, key)  # the batcher writes it to disk
             if self.shared_cache is not None:
@@ -200,6 +222,8 @@ class EmbeddingService:
     async def _call_model(self, texts: Sequence[str]) -> np.ndarray:
         started = time.perf_counter()
         vectors = await self.provider.embed(texts)
+        if self.dimension is None:
+            self.dimension = int(vectors.shape[1])
         EMBEDDING_DURATION.labels(provider=self.provider.name).observe(time.perf_counter() - started)
         EMBEDDING_BATCH_SIZE.observe(len(texts))
         self.model_calls += 1

@@ -6,12 +6,14 @@ never changes the knowledge base under a question in flight.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from services.embeddings import EmbeddingService
 from services.knowledge_base import KnowledgeBase
+from services.names import NameVocabulary
 from services.retrieval import BatchedRetriever, Retriever, build_retriever
 
 
@@ -26,6 +28,7 @@ class KnowledgeSnapshot:
     loaded_at: float
     loaded_from: str
     index_from_cache: bool
+    names: NameVocabulary
 
 
 class LiveKnowledge:
@@ -56,6 +59,8 @@ async def build_snapshot(
 ) -> KnowledgeSnapshot:
     """Index `knowledge_base` (reusing the index file for this dataset and model) and wrap it as a snapshot."""
     retriever, from_cache = await build_retriever(knowledge_base, embeddings, cache_dir)
+    texts = [text for entry in knowledge_base.entries for text in entry.phrasings()]
+    names = await asyncio.to_thread(NameVocabulary.from_texts, texts)
     return KnowledgeSnapshot(
         version=version,
         knowledge_base=knowledge_base,
@@ -64,4 +69,5 @@ async def build_snapshot(
         loaded_at=time.time(),
         loaded_from=loaded_from,
         index_from_cache=from_cache,
+        names=names,
     )

@@ -8,9 +8,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 _ID_PATTERN = re.compile(r"^[a-z0-9]+(?:-[a-z0-9]+)*$")
+MAX_SUBJECTS = 8
+MAX_SUBJECT_CHARS = 40
 
 
 class DatasetError(ValueError):
@@ -27,6 +29,9 @@ class Entry(BaseModel):
     question: str = Field(min_length=3)
     alternatives: tuple[str, ...] = Field(min_length=2)
     answer: str = Field(min_length=20)
+    subjects: tuple[str, ...] = ()
+    """What the entry is about (protocols, tokens, concepts), main one first; follow-ups inherit them."""
+    _vocabulary: tuple[str, ...] = PrivateAttr(default=())
 
     @field_validator("id")
     @classmethod
@@ -49,9 +54,29 @@ class Entry(BaseModel):
             raise ValueError("alternative phrasings must not be blank")
         return tuple(phrasing.strip() for phrasing in value)
 
+    @field_validator("subjects")
+    @classmethod
+    def _check_subjects(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        subjects = tuple(" ".join(subject.split()) for subject in value)
+        if len(subjects) > MAX_SUBJECTS:
+            raise ValueError(f"at most {MAX_SUBJECTS} subjects")
+        if any(not subject or len(subject) > MAX_SUBJECT_CHARS for subject in subjects):
+            raise ValueError(f"subjects must be non-blank and at most {MAX_SUBJECT_CHARS} characters")
+        if any(not any(character.isalnum() for character in subject) for subject in subjects):
+            raise ValueError("a subject must contain a letter or a digit")
+        if len({subject.casefold() for subject in subjects}) != len(subjects):
+            raise ValueError("duplicate subject")
+        return subjects
+
     def phrasings(self) -> list[str]:
         """Every text indexed for this entry: the question, each alternative, the answer."""
         return [self.question, *self.alternatives, self.answer]
+
+    @property
+    def vocabulary(self) -> tuple[str, ...]:
+        """Every subject of the knowledge base this entry belongs to (set by `KnowledgeBase`), so a ranked
+        entry tells which names a question uses are subjects ("How does Aave handle liquidations?")."""
+        return self._vocabulary
 
 
 @dataclass(frozen=True)
@@ -61,6 +86,14 @@ class KnowledgeBase:
     entries: tuple[Entry, ...]
     content_hash: str
     path: Path
+
+    def __post_init__(self) -> None:
+        vocabulary: dict[str, str] = {}
+        for entry in self.entries:
+            for subject in entry.subjects:
+                vocabulary.setdefault(subject.casefold(), subject)
+        for entry in self.entries:
+            entry._vocabulary = tuple(vocabulary.values())
 
     def by_id(self, entry_id: str) -> Entry | None:
         """Return the entry with this id, or None."""

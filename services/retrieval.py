@@ -19,6 +19,7 @@ import tempfile
 import zipfile
 import zlib
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -169,6 +170,7 @@ class Retriever:
             self._lexical_weights = np.ascontiguousarray(classifier.coefficients[:, dimension:].T)
             self._intercepts = classifier.intercepts
         self.phrasing_count = len(texts)
+        self.dimension = dimension
 
     def search(self, vector: np.ndarray, text: str, limit: int) -> list[Match]:
         """Return up to `limit` distinct entries, best first."""
@@ -214,8 +216,8 @@ class BatchedRetriever:
 
     Requests that arrive while a batch is being ranked wait and go into the next one, so under load one
     `search_many` (one TF-IDF transform, one matrix product per step) serves many questions, and the
-    event loop never spends its time on the ranking. One batch runs at a time, in the loop's default
-    thread pool.
+    event loop never spends its time on the ranking. One batch runs at a time, on the ranker's own
+    thread.
     """
 
     def __init__(self, retriever: Retriever, limit: int) -> None:
@@ -223,6 +225,9 @@ class BatchedRetriever:
         self._limit = limit
         self._pending: list[_RankRequest] = []
         self._draining = False
+        # One batch at a time, on a thread of its own: nothing else queued on the loop's default pool (file
+        # reads, a stuck client library) can delay the ranking of questions.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ranking")
 
     async def search(self, vectors: Sequence[np.ndarray], texts: Sequence[str]) -> list[list[Match]]:
         """Up to `limit` matches, best first, for each (vector, text) pair."""
@@ -241,7 +246,9 @@ class BatchedRetriever:
                 vectors = np.stack([vector for request in batch for vector in request.vectors])
                 texts = [text for request in batch for text in request.texts]
                 try:
-                    results = await loop.run_in_executor(None, self.retriever.search_many, vectors, texts, self._limit)
+                    results = await loop.run_in_executor(
+                        self._executor, self.retriever.search_many, vectors, texts, self._limit
+                    )
                 except Exception as error:  # a bug, not an expected failure: every waiting question gets it
                     for request in batch:
                         if not request.future.done():

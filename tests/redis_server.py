@@ -48,6 +48,16 @@ class RedisServer:
         """A blocking client for the test's own checks."""
         return redis.Redis(port=self.port, socket_timeout=2, socket_connect_timeout=2)
 
+    def freeze(self) -> None:
+        """SIGSTOP: the server keeps its sockets but answers nothing (a hung host)."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        """SIGCONT: a frozen server carries on with what it had queued."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGCONT)
+
     def kill(self) -> None:
         """SIGKILL, as if the host died: nothing is saved, nothing is said to clients."""
         if self.process is not None and self.process.poll() is None:

@@ -307,7 +307,8 @@ def test_embedder_failure_gives_503_and_stream_error(openai_stack: OpenAIStack) 
             started = time.monotonic()
             response = http.post("/ask", json={"question": f"What is a flash loan on chain {marker}?"})
             assert response.status_code == 503, response.text
-            assert response.json()["code"] == "agent_unavailable" and set(response.json()) == {"detail", "type", "code"}
+            assert response.json()["reason"] == "agent_unavailable" and response.json()["code"] == 503
+            assert set(response.json()) == {"detail", "type", "code", "reason"}
             assert time.monotonic() - started < 15, "failed after the retries, no hang"
             in_session = http.post(
                 "/v2/ask", json={"question": f"what are its risks {marker}?", "session_id": session_id}
@@ -317,9 +318,9 @@ def test_embedder_failure_gives_503_and_stream_error(openai_stack: OpenAIStack) 
                 assert stream.status_code == 200
                 events = [json.loads(line[5:]) for line in stream.iter_lines() if line.startswith("data:")]
             assert [event["type"] for event in events] == ["error"], events
-            assert events[0]["code"] == "embedding_unavailable"
+            assert events[0]["reason"] == "embedding_unavailable" and events[0]["code"] == 503
             health = http.get("/health-status").json()
-            assert health["components"]["embeddings"]["status"] == "degraded", health["components"]["embeddings"]
+            assert health["components"]["embeddings"] == "degraded", health["component_details"]["embeddings"]
             assert health["status"] == "degraded"
         finally:
             fake.reset()
@@ -329,4 +330,4 @@ def test_embedder_failure_gives_503_and_stream_error(openai_stack: OpenAIStack) 
         )
         recovered = http.post("/v2/ask", json={"question": f"what are its risks {marker}?", "session_id": session_id})
         assert recovered.status_code == 200, recovered.text
-        assert http.get("/health-status").json()["components"]["embeddings"]["status"] == "healthy"
+        assert http.get("/health-status").json()["components"]["embeddings"] == "healthy"

@@ -20,6 +20,7 @@ from agents.graph import NO_MATCH_PREFIX, compose, route_after_search, search, u
 from agents.state import AgentState
 from agents.validation import InvalidQuestionError
 from services.knowledge_base import Entry, KnowledgeBase
+from services.names import NameVocabulary
 from services.retrieval import BatchedRetriever, Match, Retriever
 from services.sources import Source
 
@@ -139,3 +140,25 @@ async def test_compose_declines_below_the_threshold_and_writes_nothing_unless_st
     assert update["sources"] == []
     assert update["answer"].startswith(NO_MATCH_PREFIX) and '"What is Uniswap?"' in update["answer"]
     assert written == []
+
+
+async def test_compose_says_a_made_up_name_is_unknown_before_the_general_answer(retriever: Retriever) -> None:
+    context = GraphContext(
+        SETTINGS,
+        AxisEmbedder(),
+        BatchedRetriever(retriever, SETTINGS.max_results),
+        names=NameVocabulary.from_texts(text for entry in ENTRIES for text in entry.phrasings()),
+    )
+    written: list[Any] = []
+    matched = state(question="is Quarnix like Aave?", streaming=True, matches=[Match(ENTRIES[0], 0.8)], confidence=0.8)
+    update = await compose(matched, runtime=Runtime(context=context, stream_writer=written.append))
+    assert update["unknown_terms"] == ["Quarnix"]
+    assert update["answer"] == f"I don't have information about Quarnix specifically. In general: {ENTRIES[0].answer}"
+    assert written[0].to_wire()["unknown_terms"] == ["Quarnix"]
+    declined = state(question="who founded Quarnix and Plendrix?", matches=[Match(ENTRIES[1], 0.1)], confidence=0.1)
+    update = await compose(declined, runtime=Runtime(context=context))
+    assert update["processing_stage"] == "no_match" and update["unknown_terms"] == ["Quarnix", "Plendrix"]
+    assert update["answer"].startswith(f"I don't have information about Quarnix or Plendrix. {NO_MATCH_PREFIX}")
+    known = state(question="what is aave?", matches=[Match(ENTRIES[0], 0.9)], confidence=0.9)
+    update = await compose(known, runtime=Runtime(context=context))
+    assert update["unknown_terms"] == [] and update["answer"] == ENTRIES[0].answer

@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-ERROR_KEYS = {"detail", "type", "code"}
+ERROR_KEYS = {"detail", "type", "code", "reason"}
 
 
 def assert_error(response: httpx.Response, status: int, code: str) -> dict[str, str]:
@@ -13,7 +13,8 @@ def assert_error(response: httpx.Response, status: int, code: str) -> dict[str, 
     assert response.headers["content-type"].startswith("application/json")
     body = response.json()
     assert set(body) == ERROR_KEYS
-    assert body["code"] == code
+    assert body["code"] == status  # the HTTP status, an integer, as the original API documents
+    assert body["reason"] == code
     assert "Traceback" not in response.text
     return body
 

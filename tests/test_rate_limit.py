@@ -47,8 +47,8 @@ def test_one_budget_shared_by_every_question_endpoint(limited: ServerProcess) ->
             refused = call()
             assert refused.status_code == 429
             body = refused.json()
-            assert set(body) == {"detail", "type", "code"}
-            assert body["code"] == "rate_limited" and body["type"] == "rate_limit_exceeded"
+            assert set(body) == {"detail", "type", "code", "reason"}
+            assert body["code"] == 429 and body["reason"] == "rate_limited" and body["type"] == "rate_limit_exceeded"
             assert 1 <= int(refused.headers["retry-after"]) <= 60
             assert refused.headers["x-ratelimit-remaining"] == "0"
         assert rejections(client, "/v2/ask-stream") == before + 1
@@ -64,7 +64,7 @@ async def test_websocket_questions_spend_the_same_budget(limited: ServerProcess)
         json.loads(await ws.recv())
         await ws.send(json.dumps({"type": "question", "question": "What is Aave?"}))
         error = json.loads(await ws.recv())
-        assert error["type"] == "error" and error["code"] == "rate_limited"
+        assert error["type"] == "error" and error["code"] == 429 and error["reason"] == "rate_limited"
         assert error["message"] == error["error"]
         await ws.send(json.dumps({"type": "ping"}))
         assert json.loads(await ws.recv())["type"] == "pong"

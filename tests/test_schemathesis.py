@@ -4,7 +4,7 @@ The `schemathesis run` CLI runs as a subprocess with every check and all four ph
 fuzzing, stateful) and a bounded number of examples per operation, so it finishes in well under 90 s.
 This module is also its hooks file (`SCHEMATHESIS_HOOKS`), adding two checks of the project's own:
 
-- every error response is JSON in the project's error format `{"detail", "type", "code"}`;
+- every error response is JSON in the project's error format `{"detail", "type", "code", "reason"}`;
 - every answer stream is `data:` JSON events that end with `complete` (or a deliberate `error`).
 
 Checks that do not fit the documented behaviour are switched off per operation in a generated config file:
@@ -39,7 +39,7 @@ MAX_EXAMPLES = 60  # per operation and phase: 500 to 900 cases over the 8 operat
 SEED = 20240613
 MIN_CASES = 300
 RUN_TIMEOUT_SECONDS = 150
-ERROR_KEYS = {"detail", "type", "code"}
+ERROR_KEYS = {"detail", "type", "code", "reason"}
 QUESTION_OPERATIONS = ["/ask", "/v2/ask"]
 STREAM_OPERATIONS = ["/ask-stream", "/v2/ask-stream"]
 STREAM_EVENT_TYPES = {"metadata", "word", "complete", "error"}
@@ -85,13 +85,15 @@ def _content_type(response: Any) -> str:
 
 @schemathesis.check
 def error_responses_use_error_format(ctx: Any, response: Any, case: Any) -> bool | None:
-    """Every 4xx/5xx is `{"detail", "type", "code"}` JSON, whatever content type the description gives."""
+    """Every 4xx/5xx is `{"detail", "type", "code", "reason"}` JSON, whatever content type the description gives."""
     if response.status_code < 400:
         return None
     assert _content_type(response) == "application/json", f"error with content type {_content_type(response)!r}"
     body = json.loads(response.content)
     assert isinstance(body, dict) and set(body) == ERROR_KEYS, f"not the error format: {body!r}"
-    assert all(isinstance(body[key], str) and body[key] for key in ERROR_KEYS), f"empty or non-string: {body!r}"
+    assert body["code"] == response.status_code, f"code is not the status: {body!r}"
+    texts = ("detail", "type", "reason")
+    assert all(isinstance(body[key], str) and body[key] for key in texts), f"empty or non-string: {body!r}"
     return True
 
 
@@ -319,7 +321,8 @@ def test_405_allow_header_lists_every_method(server: ServerProcess, path: str, m
     assert response.json() == {
         "detail": f"Method PUT is not allowed on {path}",
         "type": "method_not_allowed",
-        "code": "method_not_allowed",
+        "code": 405,
+        "reason": "method_not_allowed",
     }
 
 
@@ -334,5 +337,6 @@ def test_undecodable_body_is_a_documented_invalid_json_422(server: ServerProcess
     assert response.json() == {
         "detail": "Request body is not valid JSON (it must be UTF-8)",
         "type": "validation_error",
-        "code": "invalid_json",
+        "code": 422,
+        "reason": "invalid_json",
     }

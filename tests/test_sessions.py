@@ -78,7 +78,7 @@ def test_get_and_delete_session(client: httpx.Client) -> None:
     assert client.delete(f"/v2/sessions/{session_id}").status_code == 204
     missing = client.get(f"/v2/sessions/{session_id}")
     assert missing.status_code == 404
-    assert missing.json()["code"] == "session_not_found"
+    assert missing.json()["reason"] == "session_not_found"
     assert client.delete(f"/v2/sessions/{session_id}").status_code == 404
 
 

@@ -27,7 +27,7 @@ EXPECTED_HEADERS = {
 METADATA_KEYS = {"type", "session_id", "total_words", "confidence", "sources"}
 WORD_KEYS = {"type", "content", "index", "confidence"}
 COMPLETE_KEYS = {"type", "final_confidence", "processing_stage", "total_words"}
-ERROR_KEYS = {"detail", "type", "code"}
+ERROR_KEYS = {"detail", "type", "code", "reason"}
 SESSION_ID = re.compile(r"^[0-9a-f]{32}$")
 ON_TOPIC = [
     ("What is Aave?", "what-is-aave"),
@@ -262,7 +262,7 @@ def check_422(client: httpx.Client, method: str, url: str, code: str, **kwargs: 
     error: Event = json.loads(body)
     assert set(error) == ERROR_KEYS
     assert error["type"] == "validation_error"
-    assert error["code"] == code
+    assert error["code"] == 422 and error["reason"] == code
     return error
 
 

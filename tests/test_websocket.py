@@ -29,7 +29,7 @@ STATUS_KEYS = {"type", "status", "details", "timestamp"}
 METADATA_KEYS = {"type", "session_id", "total_words", "confidence", "sources", "timestamp"}
 WORD_KEYS = {"type", "content", "index", "confidence", "timestamp"}
 COMPLETE_KEYS = {"type", "final_confidence", "processing_stage", "total_words", "timestamp"}
-ERROR_KEYS = {"type", "message", "error", "code", "timestamp"}
+ERROR_KEYS = {"type", "message", "error", "code", "reason", "timestamp"}
 SESSION_ID = re.compile(r"^[0-9a-f]{32}$")
 POLICY_VIOLATION = 1008
 OFF_TOPIC = "best lasagna recipe?"
@@ -213,7 +213,19 @@ async def test_question_forms(server: ServerProcess, form: str) -> None:
     expected = await http_answer(server, question)
     async with chat(server) as (ws, status):
         await send(ws, message)
-        metadata, text, complete = check_answer(await read_answer(ws))
+        events = await read_answer(ws)
+    # The original frontend's form (`data`) also gets reference lines before `complete`, for its panel.
+    references = [event for event in events if event.get("reference")]
+    metadata, text, complete = check_answer([event for event in events if not event.get("reference")])
+    cited = [source["question"] for source in expected["sources"] if source["score"] >= 0.4][:3]
+    if form == "data":
+        assert events[-1 - len(references) : -1] == references and cited
+        assert [event["content"] for event in references] == [f"\n\n📚 **Reference**: {item}" for item in cited]
+        words = len(events) - 2 - len(references)  # all but metadata, complete and the reference lines
+        assert [event["index"] for event in references] == list(range(words, words + len(references)))
+        assert all(set(event) == WORD_KEYS | {"reference"} for event in references)
+    else:
+        assert references == []
     assert text == expected["answer"]
     assert "health factor" in text.lower()
     assert metadata["session_id"] == status["details"]["session_id"]
@@ -298,7 +310,9 @@ async def test_bad_message_gets_error_and_connection_survives(
         await ws.send(frame)
         error = await recv(ws)
         assert error["type"] == "error" and set(error) == ERROR_KEYS, error
-        assert error["code"] == code
+        assert error["reason"] == code
+        statuses = {"binary_not_supported": 415, "invalid_json": 400, "unknown_type": 400}
+        assert error["code"] == statuses.get(code, 422)
         assert error["message"] == error["error"] and error["message"]
         if code == "question_too_long":
             assert "limit is 1000" in error["message"]
@@ -311,7 +325,7 @@ async def test_unhashable_type_gets_error(limits_server: ServerProcess, kind: ob
     async with chat(limits_server) as (ws, _):
         await send(ws, {"type": kind})
         error = await recv(ws, timeout=3)
-        assert error["type"] == "error" and error["code"] == "unknown_type"
+        assert error["type"] == "error" and error["reason"] == "unknown_type" and error["code"] == 400
         await send(ws, {"type": "ping"})
         assert (await recv(ws, timeout=3))["type"] == "pong"
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 
 from agents.agent import AgentResult
 from api.deps import AgentDep, QuestionBudget, SessionsDep, SettingsDep, accept_question
@@ -32,6 +32,7 @@ def _to_response(result: AgentResult) -> AskResponse:
             "error": result.error,
             "session_id": result.session_id,
             "sources": result.sources,
+            "unknown_terms": list(result.unknown_terms),
         }
     )
 
@@ -43,9 +44,9 @@ async def ask(body: AskRequest, agent: AgentDep) -> AskResponse:
 
 
 @router.post("/v2/ask", response_model=AskResponse, responses=_ERRORS, dependencies=[QuestionBudget])
-async def ask_in_session(body: SessionAskRequest, agent: AgentDep, response: Response) -> AskResponse:
+async def ask_in_session(body: SessionAskRequest, agent: AgentDep, request: Request, response: Response) -> AskResponse:
     """Answer a question inside a session; unknown or expired ids start a new session."""
-    question = await accept_question(agent, response, body.question, body.session_id, new_session=True)
+    question = await accept_question(agent, request, response, body.question, body.session_id, new_session=True)
     return _to_response(await agent.answer(question))
 
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
 from typing import Annotated, Any
 
 import structlog
-from fastapi import APIRouter, Depends, Query, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from agents.agent import Question
@@ -42,19 +43,20 @@ async def _stateless_question(body: AskRequest, agent: AgentDep) -> Question:
     return await agent.accept(body.question)
 
 
-async def _session_question(body: SessionAskRequest, agent: AgentDep, response: Response) -> Question:
-    return await accept_question(agent, response, body.question, body.session_id, new_session=True)
+async def _session_question(body: SessionAskRequest, agent: AgentDep, request: Request, response: Response) -> Question:
+    return await accept_question(agent, request, response, body.question, body.session_id, new_session=True)
 
 
 async def _query_question(
     agent: AgentDep,
+    request: Request,
     response: Response,
     question: Annotated[str, Query(description="The question.")],
     session_id: Annotated[
         str | None, Query(pattern=r"^[A-Za-z0-9_-]{1,128}$", description="Continue this session.")
     ] = None,
 ) -> Question:
-    return await accept_question(agent, response, question, session_id, new_session=False)
+    return await accept_question(agent, request, response, question, session_id, new_session=False)
 
 
 QuestionFrom = Callable[..., Awaitable[Question]]
@@ -68,8 +70,9 @@ def stream_endpoint(accept: QuestionFrom) -> Callable[..., AsyncIterator[ServerS
 
     # A default, not Annotated: under `from __future__ import annotations` the local `accept` could not be resolved.
     async def endpoint(agent: AgentDep, question: Question = Depends(accept)) -> AsyncIterator[ServerSentEvent]:  # noqa: B008
-        async for event in agent.stream(question):
-            yield ServerSentEvent(data=event.to_wire())
+        async with aclosing(agent.stream(question)) as events:  # a client gone releases the session at once
+            async for event in events:
+                yield ServerSentEvent(data=event.to_wire())
 
     return endpoint
 

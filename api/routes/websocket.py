@@ -10,7 +10,7 @@ import asyncio
 import json
 import time
 from collections import deque
-from contextlib import suppress
+from contextlib import aclosing, suppress
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -21,18 +21,20 @@ from starlette.websockets import WebSocketState
 from agents.agent import DeFiAgent, Question
 from agents.events import CompleteEvent, ErrorEvent, MetadataEvent, WordEvent
 from agents.validation import InvalidQuestionError
-from api.deps import spend_budget
+from api.deps import client_key, spend_budget
 from config import Settings
+from infrastructure.logging import session_tag
 from infrastructure.metrics import STREAMS_CANCELLED, WEBSOCKET_CONNECTIONS, WEBSOCKET_MESSAGES
-from infrastructure.rate_limit import RateLimitExceededError
-from services.sessions import Session, SessionStore, SessionStoreUnavailableError
+from infrastructure.rate_limit import RateLimitExceededError, from_trusted_proxy
+from services.sessions import Session, SessionStore, SessionStoreUnavailableError, new_session_id
+from services.sources import Source
 
 logger = structlog.get_logger(__name__)
 router = APIRouter()
 
 PROTOCOL_VERSION = "1.0"
+REFERENCE_PREFIX = "\n\n📚 **Reference**: "
 POLICY_VIOLATION = 1008
-INTERNAL_ERROR = 1011
 _CLIENT_TYPES = frozenset({"question", "cancel", "ping", "heartbeat_response"})
 
 
@@ -41,17 +43,23 @@ class _PolicyViolationError(Exception):
 
 
 class ChatConnection:
-    """One client connection: its session, its question queue and its tasks."""
+    """One client connection: its session, its question queue and its tasks.
 
-    def __init__(
-        self, websocket: WebSocket, agent: DeFiAgent, sessions: SessionStore, settings: Settings, session: Session
-    ) -> None:
+    The session id is announced at connect, but the session is created only with the first question
+    (counted against the client's budget and its session cap). If it is deleted meanwhile, it stays
+    deleted: the next question starts a new session, whose id its `metadata` carries.
+    """
+
+    def __init__(self, websocket: WebSocket, agent: DeFiAgent, sessions: SessionStore, settings: Settings) -> None:
         self.websocket = websocket
         self.agent = agent
         self.sessions = sessions
         self.settings = settings
-        self.session = session
-        self.questions: asyncio.Queue[Question] = asyncio.Queue(maxsize=settings.ws_max_queued_questions)
+        self.client = client_key(websocket)
+        self.session_id = new_session_id()
+        self.session: Session | None = None
+        # (question, whether to append reference lines: only for the original frontend's `data` form)
+        self.questions: asyncio.Queue[tuple[str, bool]] = asyncio.Queue(maxsize=settings.ws_max_queued_questions)
         self.current_answer: asyncio.Task[None] | None = None
         self.last_heard = time.monotonic()
         self._recent_messages: deque[float] = deque()
@@ -64,9 +72,9 @@ class ChatConnection:
             await self.websocket.send_text(json.dumps(message))
         WEBSOCKET_MESSAGES.labels(direction="out", type=str(message.get("type"))).inc()
 
-    async def send_error(self, detail: str, code: str) -> None:
-        """An `error` message (agents.events.ErrorEvent)."""
-        await self.send(ErrorEvent(detail, code).to_wire())
+    async def send_error(self, detail: str, reason: str, status: int) -> None:
+        """An `error` message (agents.events.ErrorEvent): `code` the status REST would answer, `reason` why."""
+        await self.send(ErrorEvent(detail, reason, status).to_wire())
 
     async def run(self) -> None:
         """Serve the connection until the client leaves or breaks a limit."""
@@ -75,7 +83,7 @@ class ChatConnection:
                 "type": "status",
                 "status": "connected",
                 "details": {
-                    "session_id": self.session.id,
+                    "session_id": self.session_id,
                     "capabilities": ["streaming", "cancellation"],
                     "protocol_version": PROTOCOL_VERSION,
                 },
@@ -112,8 +120,9 @@ class ChatConnection:
             if message["type"] == "websocket.disconnect":
                 raise WebSocketDisconnect(message.get("code", 1000))
             self.last_heard = time.monotonic()
-            with suppress(SessionStoreUnavailableError):  # a question then reports it; other messages need no store
-                await self.sessions.touch(self.session)
+            if self.session is not None:  # keeps a live session alive; never recreates a deleted one
+                with suppress(SessionStoreUnavailableError):  # a question then reports it
+                    await self.sessions.touch(self.session)
             self._count_message()
             text, data = message.get("text"), message.get("bytes")
             if text is None:
@@ -121,7 +130,7 @@ class ChatConnection:
                 size = len(data or b"")
                 if size > self.settings.ws_max_message_bytes:
                     raise _PolicyViolationError("message too large")
-                await self.send_error("Binary frames are not supported; send JSON text", "binary_not_supported")
+                await self.send_error("Binary frames are not supported; send JSON text", "binary_not_supported", 415)
                 continue
             if len(text.encode()) > self.settings.ws_max_message_bytes:
                 raise _PolicyViolationError("message too large")
@@ -145,7 +154,7 @@ class ChatConnection:
             detail = "Message is not valid JSON"
             if isinstance(error, ValueError) and not isinstance(error, json.JSONDecodeError):
                 detail = "Message cannot be read: a number in it has too many digits"
-            await self.send_error(detail, "invalid_json")
+            await self.send_error(detail, "invalid_json", 400)
             return
         kind = payload.get("type") if isinstance(payload, dict) else None
         if not isinstance(kind, str) or kind not in _CLIENT_TYPES:
@@ -161,30 +170,30 @@ class ChatConnection:
             return
         else:
             await self.send_error(
-                "Unknown message type; expected question, cancel, ping or heartbeat_response", "unknown_type"
+                "Unknown message type; expected question, cancel, ping or heartbeat_response", "unknown_type", 400
             )
 
     async def _enqueue_question(self, payload: dict[str, Any]) -> None:
         data = payload.get("data")
         raw = data.get("question") if isinstance(data, dict) else payload.get("question")
         try:
-            question = await self.agent.accept(raw)
+            question = await self.agent.accept(raw)  # validation only: the session is resolved when it is answered
         except InvalidQuestionError as error:
-            await self.send_error(error.detail, error.code)
+            await self.send_error(error.detail, error.code, 422)
+            return
+        if self.questions.full():  # refused before it costs the client any budget
+            await self.send_error(
+                f"Too many questions waiting (limit {self.settings.ws_max_queued_questions}); wait for an answer",
+                "queue_full",
+                429,
+            )
             return
         try:
             await spend_budget(self.websocket, "/ws/ask")
         except RateLimitExceededError as error:
-            await self.send_error(error.detail, "rate_limited")
+            await self.send_error(error.detail, "rate_limited", 429)
             return
-        question = Question(question.text, self.session)
-        try:
-            self.questions.put_nowait(question)
-        except asyncio.QueueFull:
-            await self.send_error(
-                f"Too many questions waiting (limit {self.settings.ws_max_queued_questions}); wait for an answer",
-                "queue_full",
-            )
+        self.questions.put_nowait((question.text, isinstance(data, dict)))
 
     async def _cancel_current(self) -> None:
         task = self.current_answer
@@ -193,8 +202,8 @@ class ChatConnection:
 
     async def _answer_loop(self) -> None:
         while True:
-            question = await self.questions.get()
-            task = asyncio.create_task(self._stream_answer(question), name="ws-stream-answer")
+            text, with_references = await self.questions.get()
+            task = asyncio.create_task(self._stream_answer(text, with_references), name="ws-stream-answer")
             self.current_answer = task
             try:
                 await asyncio.wait([task])
@@ -208,16 +217,38 @@ class ChatConnection:
             if not task.cancelled() and (error := task.exception()) is not None:
                 raise error
 
-    async def _stream_answer(self, question: Question) -> None:
+    async def _resolve(self, text: str) -> Question | None:
+        """The question inside this connection's session (created with the first question); None if refused."""
+        try:
+            question = await self.agent.accept(
+                text, self.session_id, new_session=True, owner=self.client, adopt_id=self.session is None
+            )
+        except SessionStoreUnavailableError as error:
+            await self.send_error(str(error), "session_store_unavailable", 503)
+            return None
+        self.session = question.session
+        if self.session is not None:
+            self.session_id = self.session.id
+        return question
+
+    async def _stream_answer(self, text: str, with_references: bool) -> None:
+        question = await self._resolve(text)
+        if question is None:
+            return
         sent_words = 0
         confidence = 0.0
+        sources: tuple[Source, ...] = ()
         try:
-            async for event in self.agent.stream(question):
-                await self.send(event.to_wire())
-                if isinstance(event, MetadataEvent):
-                    confidence = event.confidence
-                elif isinstance(event, WordEvent):
-                    sent_words += 1
+            async with aclosing(self.agent.stream(question)) as events:  # a cancel releases the session at once
+                async for event in events:
+                    if with_references and isinstance(event, CompleteEvent) and event.processing_stage != "no_match":
+                        for line in self._reference_lines(sources, confidence, sent_words):
+                            await self.send(line.to_wire())
+                    await self.send(event.to_wire())
+                    if isinstance(event, MetadataEvent):
+                        confidence, sources = event.confidence, event.sources
+                    elif isinstance(event, WordEvent):
+                        sent_words += 1
         except WebSocketDisconnect:
             STREAMS_CANCELLED.labels(transport="websocket").inc()
             logger.info("stream_cancelled", transport="websocket", reason="client_disconnected")
@@ -229,33 +260,74 @@ class ChatConnection:
                 await self.send(CompleteEvent(confidence, "cancelled", sent_words).to_wire())
             raise
 
+    def _reference_lines(self, sources: tuple[Source, ...], confidence: float, after: int) -> list[WordEvent]:
+        """The original frontend's references panel: one `\n\n📚 **Reference**: <question>` line per entry.
+
+        The original backend delivered its sources as these trailing lines, and its React frontend renders
+        them in a panel; they are sent only here (`/ws/ask`), as `word` events flagged `reference: true`,
+        after the answer's words and before `complete` (whose `total_words` counts the answer's words only).
+        Up to WS_REFERENCE_LINES entries that clear the no-match threshold, best first.
+        """
+        threshold = self.settings.agent_similarity_threshold
+        cited = [source for source in sources if source.score >= threshold][: self.settings.ws_reference_lines]
+        return [
+            WordEvent(f"{REFERENCE_PREFIX}{source.question}", after + offset, confidence, reference=True)
+            for offset, source in enumerate(cited)
+        ]
+
     async def _heartbeat_loop(self) -> None:
         interval = self.settings.ws_heartbeat_interval_seconds
         idle_limit = interval * self.settings.ws_idle_timeout_intervals
         while True:
             await asyncio.sleep(interval)
             if time.monotonic() - self.last_heard > idle_limit:
-                logger.info("websocket_idle_closed", session_id=self.session.id)
+                logger.info("websocket_idle_closed", session=session_tag(self.session_id))
                 await self._close(1000, "idle timeout")
                 return
             await self.send({"type": "heartbeat"})
 
 
-async def _refuse(websocket: WebSocket, detail: str) -> None:
-    """No session can be created (Redis down): one `error` message, then close 1011 (clients reconnect later)."""
-    message = ErrorEvent(detail, "session_store_unavailable").to_wire()
-    with suppress(RuntimeError, WebSocketDisconnect):
-        await websocket.send_text(json.dumps({**message, "timestamp": time.time()}))
-        WEBSOCKET_MESSAGES.labels(direction="out", type="error").inc()
-        await websocket.close(code=INTERNAL_ERROR, reason="session store unavailable")
+def _host_name(authority: str) -> str:
+    """The host name of a `host[:port]` authority, lower case (IPv6 brackets kept)."""
+    authority = authority.strip().lower()
+    if authority.startswith("["):
+        return authority.split("]", 1)[0] + "]"
+    return authority.rsplit(":", 1)[0] if authority.count(":") == 1 else authority
 
 
 def origin_allowed(websocket: WebSocket, allowed_origins: list[str]) -> bool:
-    """Browsers send Origin: accept the page's own origin and ALLOWED_ORIGINS; non-browser clients send none."""
+    """Browsers send Origin: accept ALLOWED_ORIGINS and the page's own site; non-browser clients send none.
+
+    The page's own site is judged by host name, not port: a reverse proxy that forwards `Host $host` (the
+    original frontend's nginx) drops the port. Behind a trusted proxy, `X-Forwarded-Host` names the host the
+    browser used. A page on another host is refused.
+    """
     origin = websocket.headers.get("origin")
     if origin is None or "*" in allowed_origins or origin in allowed_origins:
         return True
-    return urlsplit(origin).netloc == websocket.headers.get("host")
+    origin_host = urlsplit(origin).hostname
+    if not origin_host:
+        return False
+    host = websocket.headers.get("host", "")
+    peer = websocket.client.host if websocket.client else None
+    if from_trusted_proxy(peer, websocket.app.state.trusted_networks):
+        host = websocket.headers.get("x-forwarded-host", host).split(",")[0]
+    origin_name = f"[{origin_host}]" if ":" in origin_host else origin_host
+    return bool(host) and origin_name == _host_name(host)
+
+
+@router.websocket("/ws/test")
+async def websocket_test(websocket: WebSocket) -> None:
+    """The original frontend's "Test WS" button: accept, say so, close cleanly (1000)."""
+    settings: Settings = websocket.app.state.settings
+    if not origin_allowed(websocket, settings.allowed_origins):
+        await websocket.close(code=POLICY_VIOLATION, reason="origin not allowed")
+        return
+    await websocket.accept()
+    message = {"type": "status", "status": "connected", "message": "WebSocket connection test succeeded"}
+    with suppress(RuntimeError, WebSocketDisconnect):
+        await websocket.send_text(json.dumps({**message, "timestamp": time.time()}))
+        await websocket.close(code=1000, reason="test complete")
 
 
 @router.websocket("/ws/ask")
@@ -269,14 +341,9 @@ async def websocket_ask(websocket: WebSocket) -> None:
         await websocket.close(code=POLICY_VIOLATION, reason="origin not allowed")
         return
     await websocket.accept()
-    try:
-        session = await sessions.get_or_create(None)
-    except SessionStoreUnavailableError as error:
-        await _refuse(websocket, str(error))
-        return
     WEBSOCKET_CONNECTIONS.inc()
-    connection = ChatConnection(websocket, agent, sessions, settings, session)
-    structlog.contextvars.bind_contextvars(session_id=connection.session.id)
+    connection = ChatConnection(websocket, agent, sessions, settings)
+    structlog.contextvars.bind_contextvars(session=session_tag(connection.session_id))
     try:
         await connection.run()
     except (WebSocketDisconnect, RuntimeError) as error:

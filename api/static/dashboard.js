@@ -152,7 +152,9 @@ function renderHealth(health) {
   badge.className = "badge " + health.status;
   const list = $("components");
   list.replaceChildren();
-  for (const [name, component] of Object.entries(health.components)) {
+  const details = health.component_details || {};
+  for (const [name, status] of Object.entries(health.components)) {
+    const component = details[name] || { status, detail: "" };
     const item = document.createElement("li");
     item.dataset.component = name;
     item.dataset.status = component.status;

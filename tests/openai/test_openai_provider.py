@@ -129,7 +129,8 @@ def test_embedding_failure_gives_503_then_recovers(
     elapsed = time.monotonic() - started
     assert response.status_code == 503, response.text
     body = response.json()
-    assert body == {"detail": body["detail"], "type": "service_unavailable", "code": "agent_unavailable"}, body
+    expected = {"detail": body["detail"], "type": "service_unavailable", "code": 503, "reason": "agent_unavailable"}
+    assert body == expected, body
     assert response.headers["retry-after"] == "5"
     assert fake.requests("embeddings") == attempts, "retried exactly OPENAI_MAX_RETRIES times when retryable"
     assert elapsed < 15

@@ -1,0 +1,57 @@
+"""Turn an unexpected exception into the project's 500 inside the middleware stack, so it keeps every header.
+
+Starlette sends its `Exception` handler's answer from `ServerErrorMiddleware`, the outermost layer: outside
+`CorrelationIdMiddleware` and `SecurityHeadersMiddleware`, so such a 500 had no `X-Request-ID` and no
+security headers. This middleware sits inside them and answers first.
+"""
+
+from __future__ import annotations
+
+import json
+
+import structlog
+from asgi_correlation_id import correlation_id
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from middleware.errors import internal_error_body
+
+logger = structlog.get_logger(__name__)
+
+
+class UnhandledErrorMiddleware:
+    """Pure ASGI: an exception before the response started becomes a logged 500 JSON; after, it propagates.
+
+    Once a response has started (a stream, for instance) its status is on the wire: nothing can be sent in its
+    place, so the exception goes on to the outer layers (which tell a client hang-up from a failure).
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        response_started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal response_started
+            if message["type"] == "http.response.start":
+                response_started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception:
+            if response_started:
+                raise
+            logger.exception("unhandled_error", path=scope["path"], request_id=correlation_id.get())
+            body = json.dumps(internal_error_body()).encode()
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 500,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+                }
+            )
+            await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,127 @@
+"""The remaining reproductions of the hostile-client review, each against a real server: a damaged index
+file, a malformed vector in the shared cache, and what a refused question costs (budget and headers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from websockets.asyncio.client import connect
+
+from services.embedding_cache import SharedCache, cache_key
+from services.embedding_providers import LocalMiniLMProvider
+from tests.conftest import ServerProcess, poll_until
+from tests.redis_server import REDIS_SERVER, RedisServer
+
+
+def log_events(server: ServerProcess) -> list[dict[str, Any]]:
+    records = []
+    for line in server.log().splitlines():
+        if line.startswith("{"):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
+
+
+def test_a_flipped_byte_in_the_index_file_is_detected_and_rebuilt(
+    start_server: Callable[..., ServerProcess], shared_cache_dir: Path, tmp_path: Path
+) -> None:
+    cache_dir = tmp_path / "cache"
+    shutil.copytree(shared_cache_dir / "index", cache_dir / "index")
+    (index_file,) = list((cache_dir / "index").glob("*.npz"))
+    damaged = bytearray(index_file.read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF  # inside the vectors: the zip member's CRC no longer matches
+    index_file.write_bytes(bytes(damaged))
+    server = start_server(CACHE_DIR=str(cache_dir))
+    answer = httpx.post(f"{server.base_url}/ask", json={"question": "What is a health factor?"}, timeout=30).json()
+    assert answer["sources"][0]["id"] == "health-factor"
+    events = log_events(server)
+    unreadable = [event for event in events if event["event"] == "index_cache_unreadable"]
+    assert unreadable and "CRC" in unreadable[0]["error"]
+    assert any(event["event"] == "agent_built" and event["index_from_cache"] is False for event in events)
+    assert index_file.read_bytes() != bytes(damaged)  # rewritten whole
+
+
+@pytest.fixture()
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    if REDIS_SERVER is None:
+        pytest.skip("redis-server is not installed (make system-deps)")
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize(
+    "blob",
+    [
+        np.ones(7, dtype="<f4").tobytes(),  # the wrong size
+        np.full(384, np.nan, dtype="<f4").tobytes(),  # not finite
+        (np.ones(384, dtype="<f4") * 3).tobytes(),  # not a unit vector
+    ],
+    ids=["wrong-size", "nan", "not-unit"],
+)
+def test_a_malformed_shared_vector_is_a_miss_and_never_copied(
+    start_server: Callable[..., ServerProcess], redis_server: RedisServer, blob: bytes
+) -> None:
+    server = start_server(REDIS_URL=redis_server.url)
+    question = "How is the health factor on a lending market worked out?"
+    with redis_server.client() as redis:
+        redis.set(SharedCache.PREFIX + cache_key(LocalMiniLMProvider.model_id, question), blob)
+    for _ in range(2):  # the second time would hit the memory cache, had the bad vector been copied there
+        response = httpx.post(f"{server.base_url}/ask", json={"question": question}, timeout=30)
+        assert response.status_code == 200, response.text
+        assert response.json()["sources"][0]["id"] == "health-factor"
+    rejected = [event for event in log_events(server) if event["event"] == "embedding_cache_entry_rejected"]
+    assert len(rejected) == 1 and rejected[0]["layer"] == "shared"
+    with redis_server.client() as redis:  # replaced by the model's own vector
+        stored = redis.get(SharedCache.PREFIX + cache_key(LocalMiniLMProvider.model_id, question))
+    assert isinstance(stored, bytes) and len(stored) == 384 * 4
+
+
+def test_refused_questions_cost_no_budget_and_charged_ones_say_so(start_server: Callable[..., ServerProcess]) -> None:
+    server = start_server(RATE_LIMIT_REQUESTS_PER_MINUTE="50", WS_MAX_QUEUED_QUESTIONS="1", STREAM_WORD_DELAY_MS="30")
+    too_long = httpx.post(f"{server.base_url}/ask", json={"question": "a" * 1001}, timeout=10)
+    assert too_long.status_code == 422 and too_long.json()["reason"] == "question_too_long"
+    assert too_long.headers["x-ratelimit-limit"] == "50"  # charged, and told so like any other answer
+    remaining = int(too_long.headers["x-ratelimit-remaining"])
+
+    async def flood() -> list[dict[str, Any]]:
+        async with connect(f"{server.ws_url}/ws/ask", open_timeout=10) as ws:
+            await ws.recv()
+            for _ in range(6):  # one streams, at most one waits, the rest are refused as queue_full
+                await ws.send(json.dumps({"type": "question", "question": "What is Aave?"}))
+            replies: list[dict[str, Any]] = []
+
+            def settled() -> int:
+                return sum(reply.get("type") == "complete" or reply.get("reason") == "queue_full" for reply in replies)
+
+            while settled() < 6:
+                replies.append(json.loads(await asyncio.wait_for(ws.recv(), 30)))
+            return replies
+
+    replies = asyncio.run(flood())
+    refused = [reply for reply in replies if reply.get("reason") == "queue_full"]
+    answered = sum(reply.get("type") == "complete" for reply in replies)
+    assert len(refused) >= 4 and answered + len(refused) == 6
+    assert all(reply["code"] == 429 for reply in refused)
+    after = httpx.post(f"{server.base_url}/ask", json={"question": "What is Aave?"}, timeout=30)
+    # The answered WebSocket questions and this one were charged; the refused ones were not.
+    assert int(after.headers["x-ratelimit-remaining"]) == remaining - answered - 1
+
+
+def test_the_session_id_never_reaches_the_log(server: ServerProcess) -> None:
+    response = httpx.post(f"{server.base_url}/v2/ask", json={"question": "What is Aave?"}, timeout=30)
+    session_id = response.json()["session_id"]
+    poll_until(lambda: any(e.get("event") == "request_finished" for e in log_events(server)), 10)
+    assert session_id not in server.log()

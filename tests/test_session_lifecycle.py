@@ -1,0 +1,214 @@
+"""Session lifecycle against real servers: deleted stays deleted, sessions only for questions and capped per
+client, one question at a time per session, and a frozen Redis that never stores what it reported as failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from websockets.sync.client import connect
+
+from tests.conftest import ServerProcess
+from tests.redis_server import REDIS_SERVER, RedisServer
+
+needs_redis = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed (make system-deps)")
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    if REDIS_SERVER is None:
+        pytest.skip("redis-server is not installed (make system-deps)")
+    server = RedisServer(tmp_path_factory.mktemp("redis-lifecycle"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def memory_server(start_server: Callable[..., ServerProcess]) -> ServerProcess:
+    return start_server(MAX_SESSIONS_PER_CLIENT="3", RATE_LIMIT_REQUESTS_PER_MINUTE="10000")
+
+
+@pytest.fixture(scope="module")
+def redis_backed(start_server: Callable[..., ServerProcess], redis_server: RedisServer) -> ServerProcess:
+    return start_server(REDIS_URL=redis_server.url, MAX_SESSIONS_PER_CLIENT="3", RATE_LIMIT_REQUESTS_PER_MINUTE="10000")
+
+
+def both(request: pytest.FixtureRequest) -> ServerProcess:
+    server: ServerProcess = request.getfixturevalue(request.param)
+    return server
+
+
+store = pytest.fixture(params=["memory_server", pytest.param("redis_backed", marks=needs_redis)])(both)
+
+
+def ask(base_url: str, question: str, session_id: str | None = None, **client: Any) -> httpx.Response:
+    payload: dict[str, Any] = {"question": question}
+    if session_id is not None:
+        payload["session_id"] = session_id
+    with httpx.Client(base_url=base_url, timeout=30, **client) as http:
+        return http.post("/v2/ask", json=payload)
+
+
+def turns(base_url: str, session_id: str) -> list[str] | None:
+    response = httpx.get(f"{base_url}/v2/sessions/{session_id}", timeout=10)
+    if response.status_code == 404:
+        return None
+    assert response.status_code == 200, response.text
+    return [turn["question"] for turn in response.json()["turns"]]
+
+
+def ws_answer(ws: Any, question: str) -> list[dict[str, Any]]:
+    ws.send(json.dumps({"type": "question", "question": question}))
+    events: list[dict[str, Any]] = []
+    while not events or events[-1]["type"] not in ("complete", "error"):
+        message = json.loads(ws.recv(timeout=30))
+        if message["type"] != "heartbeat":
+            events.append(message)
+    return events
+
+
+def test_a_session_deleted_under_a_websocket_stays_deleted(store: ServerProcess) -> None:
+    with connect(f"{store.ws_url}/ws/ask", open_timeout=10) as ws:
+        announced = json.loads(ws.recv(timeout=10))["details"]["session_id"]
+        assert turns(store.base_url, announced) is None  # announced at connect, created only by a question
+        events = ws_answer(ws, "What is Aave?")
+        assert events[0]["session_id"] == announced
+        assert turns(store.base_url, announced) == ["What is Aave?"]
+        assert httpx.delete(f"{store.base_url}/v2/sessions/{announced}", timeout=10).status_code == 204
+        ws.send(json.dumps({"type": "ping"}))
+        assert json.loads(ws.recv(timeout=10))["type"] == "pong"
+        assert turns(store.base_url, announced) is None  # the ping did not bring it back
+        events = ws_answer(ws, "what are its risks?")
+        new_id = events[0]["session_id"]
+        assert new_id != announced and turns(store.base_url, new_id) == ["what are its risks?"]
+        assert turns(store.base_url, announced) is None
+
+
+def test_a_delete_racing_questions_never_resurrects_the_session(store: ServerProcess) -> None:
+    async def trial() -> None:
+        async with httpx.AsyncClient(base_url=store.base_url, timeout=30) as http:
+            session_id = (await http.post("/v2/ask", json={"question": "What is Aave?"})).json()["session_id"]
+            questions = [
+                http.post("/v2/ask", json={"question": f"What is MEV {n}?", "session_id": session_id}) for n in range(6)
+            ]
+            await asyncio.gather(*questions, http.delete(f"/v2/sessions/{session_id}"))
+            assert (await http.get(f"/v2/sessions/{session_id}")).status_code == 404
+
+    for _ in range(8):
+        asyncio.run(trial())
+
+
+def test_connecting_creates_no_session_and_each_client_has_its_own_cap(store: ServerProcess) -> None:
+    victim = ask(store.base_url, "What is Aave?").json()["session_id"]
+    for _ in range(30):  # connect and leave: nothing is stored
+        with connect(f"{store.ws_url}/ws/ask", open_timeout=10) as ws:
+            announced = json.loads(ws.recv(timeout=10))["details"]["session_id"]
+        assert turns(store.base_url, announced) is None
+    # Another client (127.0.0.2) starts ten sessions with a cap of three: only its own oldest ones go.
+    flooder = {"transport": httpx.HTTPTransport(local_address="127.0.0.2")}
+    started = [ask(store.base_url, "What is a flash loan?", **flooder).json()["session_id"] for _ in range(10)]
+    assert [turns(store.base_url, session_id) is not None for session_id in started] == [False] * 7 + [True] * 3
+    assert turns(store.base_url, victim) == ["What is Aave?"]
+    follow_up = ask(store.base_url, "what are its risks?", victim).json()
+    assert follow_up["session_id"] == victim and follow_up["sources"][0]["id"] == "aave-risks"
+
+
+def test_a_question_waits_for_the_stream_running_on_its_session(start_server: Callable[..., ServerProcess]) -> None:
+    server = start_server(STREAM_WORD_DELAY_MS="15")
+    opener = ask(server.base_url, "What is a flash loan?").json()
+    session_id = opener["session_id"]
+
+    async def race() -> tuple[list[str], httpx.Response]:
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=60) as http:
+            payload = {"question": "What is Aave?", "session_id": session_id}
+            async with http.stream("POST", "/v2/ask-stream", json=payload) as stream:
+                lines = stream.aiter_lines()
+                first = await anext(lines)
+                while not first.startswith("data:"):  # the metadata event: the graph runs and holds the session
+                    first = await anext(lines)
+                follow_up = asyncio.ensure_future(
+                    http.post("/v2/ask", json={"question": "what are its risks?", "session_id": session_id})
+                )
+                rest = [line async for line in lines]
+            return [first, *rest], await follow_up
+
+    lines, follow_up = asyncio.run(race())
+    events = [json.loads(line[5:]) for line in lines if line.startswith("data:")]
+    assert events[-1]["type"] == "complete"
+    assert follow_up.status_code == 200 and follow_up.json()["sources"][0]["id"] == "aave-risks"
+    assert turns(server.base_url, session_id) == ["What is a flash loan?", "What is Aave?", "what are its risks?"]
+
+
+def test_a_question_that_waits_too_long_is_refused_with_409(start_server: Callable[..., ServerProcess]) -> None:
+    server = start_server(STREAM_WORD_DELAY_MS="20", SESSION_WAIT_SECONDS="0.3")
+    session_id = ask(server.base_url, "What is a flash loan?").json()["session_id"]
+    with httpx.Client(base_url=server.base_url, timeout=60) as http:
+        payload = {"question": "What is Aave?", "session_id": session_id}
+        with http.stream("POST", "/v2/ask-stream", json=payload) as stream:
+            lines = stream.iter_lines()
+            while not next(lines).startswith("data:"):  # the metadata event: the graph runs and holds the session
+                pass
+            busy = http.post("/v2/ask", json={"question": "what are its risks?", "session_id": session_id})
+            assert busy.status_code == 409, busy.text
+            body = busy.json()
+            assert body["type"] == "conflict" and "session_busy" in json.dumps(body)
+            assert busy.headers["retry-after"] == "1" and "x-ratelimit-limit" in busy.headers
+            assert busy.headers["x-request-id"]
+            list(lines)
+    assert turns(server.base_url, session_id) == ["What is a flash loan?", "What is Aave?"]
+
+
+@needs_redis
+def test_a_frozen_redis_answers_fast_and_stores_nothing_it_reported_as_failed(
+    start_server: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    redis = RedisServer(tmp_path)
+    redis.start()
+    try:
+        server = start_server(REDIS_URL=redis.url, RATE_LIMIT_REQUESTS_PER_MINUTE="10000")
+        session_id = ask(server.base_url, "What is Aave?").json()["session_id"]
+
+        async def load(seconds: float) -> list[tuple[str, int, float]]:
+            outcomes: list[tuple[str, int, float]] = []
+            deadline = time.monotonic() + seconds
+
+            async def worker(number: int) -> None:
+                async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as http:
+                    count = 0
+                    while time.monotonic() < deadline:
+                        question = f"What is a flash loan, variant {number}-{count}?"
+                        count += 1
+                        started = time.monotonic()
+                        response = await http.post("/v2/ask", json={"question": question, "session_id": session_id})
+                        outcomes.append((question, response.status_code, time.monotonic() - started))
+
+            await asyncio.gather(*(worker(number) for number in range(16)))
+            return outcomes
+
+        async def freeze_during_load() -> list[tuple[str, int, float]]:
+            running = asyncio.ensure_future(load(10.0))
+            await asyncio.sleep(0.5)
+            redis.freeze()
+            await asyncio.sleep(8.0)
+            redis.thaw()
+            return await running
+
+        outcomes = asyncio.run(freeze_during_load())
+        failed = {question for question, status, _ in outcomes if status == 503}
+        assert failed, "the freeze did not reach any request"
+        assert {status for _, status, _ in outcomes} <= {200, 503}
+        # Bounded: no request waited out the 8 s freeze (each Redis call gives up after about a second).
+        assert max(seconds for _, _, seconds in outcomes) < 6.0
+        time.sleep(1.5)  # let the thawed server run whatever it had queued
+        stored = set(turns(server.base_url, session_id) or [])
+        assert not failed & stored, f"turns stored although the client got 503: {sorted(failed & stored)[:3]}"
+    finally:
+        redis.stop()
