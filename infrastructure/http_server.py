@@ -454,6 +454,10 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self.guard.note("request_headers_too_large", self._host)
         self._refuse(431, error_bytes(431, "Request header fields too large", "request_headers_too_large"), linger=True)
 
+    def send_400_response(self, msg: str) -> None:
+        """A request the HTTP parser rejects (e.g. a Content-Length that is not a number): 400 in our format."""
+        self._refuse(400, error_bytes(400, f"Malformed HTTP request: {msg}", "bad_request"), linger=False)
+
     def _refuse(self, status: int, body: bytes, *, linger: bool) -> None:
         """Answer `status` and close; with `linger`, half-close and discard what the client still sends first."""
         self._refused = True
