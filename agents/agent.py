@@ -115,7 +115,7 @@ class DeFiAgent:
         self._generator = generator
         self._answers = answer_cache if generator is None else None  # generated answers are not repeatable
         self._on_outcome = on_outcome
-        self._graph = build_graph()
+        self._graph = build_graph(generative=generator is not None)
 
     async def accept(
         self,

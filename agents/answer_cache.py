@@ -35,7 +35,7 @@ class AnswerCache:
 
     def put(self, key: AnswerKey, state: AgentState) -> None:
         """Remember the part of a final state an answer is made from."""
-        self._items[key] = {
+        outcome: AgentState = {
             "question": state["question"],
             "previous_question": state["previous_question"],
             "session_id": None,
@@ -47,8 +47,10 @@ class AnswerCache:
             "sources": state["sources"],
             "error": state.get("error"),
             "unknown_terms": state.get("unknown_terms", []),
-            "subjects": state.get("subjects", ()),
         }
+        if subjects := state.get("subjects"):  # absent (not empty) when unknown: the next question recovers them
+            outcome["subjects"] = subjects
+        self._items[key] = outcome
 
     def __len__(self) -> int:
         return len(self._items)

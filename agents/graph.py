@@ -171,9 +171,11 @@ async def search(state: AgentState, *, runtime: Runtime[GraphContext]) -> Update
     ranked = list(zip(candidates, await context.ranker.search(vectors, candidates), strict=True))
     plan = state.get("follow_up")
     choice = best_scoring(ranked) if plan is None else choose(state["question"], plan, ranked, threshold)
-    subjects = conversation_subjects(choice.text, choice.matches, threshold)
-    if not subjects and plan is not None and plan.form in {"pronoun", "fragment", "what_about"}:
-        subjects = plan.subjects  # a declined follow-up keeps the conversation's subject
+    subjects: tuple[str, ...] = ()
+    if state.get("session_id") is not None:  # only a session has a next question to keep the subject for
+        subjects = conversation_subjects(choice.text, choice.matches, threshold)
+        if not subjects and plan is not None and plan.form in {"pronoun", "fragment", "what_about"}:
+            subjects = plan.subjects  # a declined follow-up keeps the conversation's subject
     confidence = choice.matches[0].score if choice.matches else 0.0
     return {
         "resolved_question": choice.text,
@@ -291,16 +293,24 @@ async def generate(state: AgentState, *, runtime: Runtime[GraphContext]) -> Upda
 # --- wiring ------------------------------------------------------------------------------------------------
 
 
-def build_graph() -> CompiledStateGraph[AgentState, GraphContext, InputState, AgentState]:
-    """Compile the agent graph (its dependencies come with each run's context)."""
+def build_graph(generative: bool = False) -> CompiledStateGraph[AgentState, GraphContext, InputState, AgentState]:
+    """Compile the agent graph (its dependencies come with each run's context).
+
+    Extractive (the default): understand -> search -> compose. `generative` (a chat model is configured):
+    the router after `search` sends matched questions to `generate`. Without a chat model the router would
+    always choose `compose`, and a conditional edge costs ~0.2 ms of CPU per question in LangGraph.
+    """
     graph = StateGraph(AgentState, context_schema=GraphContext, input_schema=InputState)
     graph.add_node("understand", understand)
     graph.add_node("search", search)
     graph.add_node("compose", compose)
-    graph.add_node("generate", generate)
     graph.add_edge(START, "understand")
     graph.add_edge("understand", "search")
-    graph.add_conditional_edges("search", route_after_search, ["compose", "generate"])
+    if generative:
+        graph.add_node("generate", generate)
+        graph.add_conditional_edges("search", route_after_search, ["compose", "generate"])
+        graph.add_edge("generate", END)
+    else:
+        graph.add_edge("search", "compose")
     graph.add_edge("compose", END)
-    graph.add_edge("generate", END)
     return graph.compile()

@@ -584,8 +584,7 @@ async def test_dev_set_follow_ups(server: ServerProcess, shared_cache_dir: Path)
         outcomes = [(item, *(await ask_pair(services, item))) for item in DEV_SET]
         changes = [item for item in DEV_SET if item.form == "subject_change"]
         alone = [await agent.answer(await agent.accept(item.question)) for item in changes]
-        # the first pairs again: their openers now come from the answer cache (no subjects recorded), so the
-        # follow-up recovers the subjects from the previous question
+        # the first pairs again: their openers now come from the answer cache, which keeps their subjects
         repeated = [(item, *(await ask_pair(services, item))) for item in DEV_SET[:10]]
     finally:
         await stop_services(services)
@@ -599,5 +598,5 @@ async def test_dev_set_follow_ups(server: ServerProcess, shared_cache_dir: Path)
     stand_alone = [result.sources[0].id if result.processing_stage == "response_complete" else None for result in alone]
     assert all(by_question[item.question] in {own, None} for item, own in zip(changes, stand_alone, strict=True))
     assert outcomes[0][0].opener == "How does Aave handle liquidations?" and outcomes[0][2] == ("liquidation", "Aave")
-    assert all(subjects is None for _, _, subjects in repeated)  # cached openers record no subjects
+    assert [subjects for _, _, subjects in repeated] == [subjects for _, _, subjects in outcomes[:10]]
     assert [got for _, got, _ in repeated] == [got for _, got, _ in outcomes[:10]]

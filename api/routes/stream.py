@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import aclosing
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any
 
 import structlog
@@ -11,6 +10,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from agents.agent import Question
+from agents.events import StreamEvent
 from api.deps import AgentDep, QuestionBudget, accept_question
 from api.schemas import AskRequest, ErrorResponse, SessionAskRequest
 
@@ -65,14 +65,28 @@ QuestionFrom = Callable[..., Awaitable[Question]]
 def stream_endpoint(accept: QuestionFrom) -> Callable[..., AsyncIterator[ServerSentEvent]]:
     """An SSE endpoint streaming the agent's events for the question `accept` prepared.
 
+    The agent's stream is opened in a dependency and closed when the request ends, on the request's own
+    exit stack: FastAPI stops iterating an abandoned stream without closing it, and a stream that is never
+    closed would hold its session (one question at a time) until the garbage collector found it.
     Open and abandoned streams are counted by RequestContextMiddleware.
     """
 
-    # A default, not Annotated: under `from __future__ import annotations` the local `accept` could not be resolved.
-    async def endpoint(agent: AgentDep, question: Question = Depends(accept)) -> AsyncIterator[ServerSentEvent]:  # noqa: B008
-        async with aclosing(agent.stream(question)) as events:  # a client gone releases the session at once
-            async for event in events:
-                yield ServerSentEvent(data=event.to_wire())
+    # Defaults, not Annotated: under `from __future__ import annotations` the local names could not be resolved.
+    async def events_of(
+        agent: AgentDep,
+        question: Question = Depends(accept),  # noqa: B008
+    ) -> AsyncIterator[AsyncGenerator[StreamEvent, None]]:
+        events = agent.stream(question)
+        try:
+            yield events
+        finally:
+            await events.aclose()  # at once when the client is gone, or after the last event
+
+    async def endpoint(
+        events: AsyncGenerator[StreamEvent, None] = Depends(events_of),  # noqa: B008
+    ) -> AsyncIterator[ServerSentEvent]:
+        async for event in events:
+            yield ServerSentEvent(data=event.to_wire())
 
     return endpoint
 
