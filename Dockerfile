@@ -34,6 +34,7 @@ EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=180s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen(f\"http://127.0.0.1:{os.environ.get('PORT', '8000')}/health\", timeout=4)"]
 
-# Same start command as `make run`: main.py reads HOST/PORT/WORKERS and runs uvicorn with proxy
-# headers and the timeouts documented in docs/deployment.md.
+# Same start command as `make run`: main.py reads HOST/PORT/WORKERS and runs uvicorn with the limits and
+# timeouts documented in docs/deployment.md. Forwarded headers are believed only from TRUSTED_PROXIES, which
+# the image leaves empty (a proxy's range is the deployment's to say); the platform files set it.
 CMD ["python", "main.py"]

@@ -23,7 +23,7 @@ from agents.answer_cache import AnswerCache
 from agents.context import AgentSettings
 from api.monitoring import Monitoring
 from config import APP_VERSION, Settings
-from infrastructure.metrics import set_build_info
+from infrastructure.metrics import register_cache_sizes, set_build_info, sizes_of
 from infrastructure.rate_limit import QuestionRateLimiter
 from infrastructure.redis_client import create_redis
 from infrastructure.runtime_tuning import freeze_startup_heap, limit_blas_threads, release_freed_memory
@@ -222,6 +222,11 @@ async def start_services(settings: Settings, seed: KnowledgeBase, monitoring: Mo
     freeze_startup_heap()
     await asyncio.to_thread(release_freed_memory)
     set_build_info(APP_VERSION, platform.python_version(), services.embeddings.model_id)
+    register_cache_sizes(
+        sizes_of(
+            memory=services.embeddings.memory_cache, disk=services.embeddings.disk_cache, answer=services.answer_cache
+        )
+    )
     services.background = [
         asyncio.create_task(services.sessions.run_cleanup(settings.session_cleanup_interval_seconds)),
         asyncio.create_task(monitoring.loop_lag.run()),

@@ -3,16 +3,29 @@
 With several uvicorn workers `main.run()` sets PROMETHEUS_MULTIPROC_DIR before the workers start, so
 prometheus-client keeps each worker's values in files there and `/metrics` adds them up
 (`exposition()`). Gauges say how they combine across workers (`multiprocess_mode`).
+
+Two kinds of figures are read rather than counted:
+
+- `cache_entries{layer}`: the callable given to `register_cache_sizes` is read at scrape time. With several
+  workers each worker writes its own figures to its files (at a scrape it answers, and every
+  CACHE_SIZES_REFRESH_SECONDS), one sample per worker with a `pid` label.
+- with several workers, `process_*{pid}`: prometheus-client's process collector does not work across
+  processes, so the worker answering a scrape reads every live worker's memory, CPU time and descriptors
+  with psutil (`WorkerProcessCollector`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping, Sized
 from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 
+import psutil  # type: ignore[import-untyped]
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     REGISTRY,
@@ -23,6 +36,7 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -115,8 +129,10 @@ def multiprocess_enabled() -> bool:
 def exposition() -> tuple[bytes, str]:
     """The text exposition and its content type: this process, or every worker added up."""
     if multiprocess_enabled():
+        refresh_cache_sizes()  # this worker's figures as of now; the others' are at most a few seconds old
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        registry.register(WorkerProcessCollector(os.environ[MULTIPROC_ENV]))
         return generate_latest(registry), CONTENT_TYPE_LATEST
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
 
@@ -144,3 +160,158 @@ def multiprocess_metrics(enabled: bool) -> Iterator[None]:
     finally:
         os.environ.pop(MULTIPROC_ENV, None)
         shutil.rmtree(directory, ignore_errors=True)
+
+
+# --- cache sizes, read at scrape time ----------------------------------------------------------------------
+
+CacheSizes = Callable[[], Mapping[str, int]]
+"""Returns the entries held by each cache layer of this process, e.g. {"memory": 12, "disk": 400, "answer": 9}."""
+
+CACHE_ENTRIES = "cache_entries"
+_CACHE_ENTRIES_HELP = "Entries held by each cache layer (memory and disk question vectors, whole answers)."
+CACHE_SIZES_REFRESH_SECONDS = 5.0
+"""With several workers: how often each worker writes its cache sizes to its metric files."""
+
+# Several workers only: the same figures in this worker's files, one sample per live worker (`pid` label).
+# Not registered: with one process, `CacheSizeCollector` reads them at scrape time instead.
+_CACHE_ENTRIES_FILES = Gauge(CACHE_ENTRIES, _CACHE_ENTRIES_HELP, ["layer"], multiprocess_mode="liveall", registry=None)
+
+
+class CacheSizeCollector:
+    """Yields `cache_entries{layer}` from a `CacheSizes` callable each time the registry is collected."""
+
+    def __init__(self, sizes: CacheSizes) -> None:
+        self.sizes = sizes
+
+    def describe(self) -> list[Metric]:
+        """The family's name without reading the caches (the registry calls this when registering)."""
+        return [GaugeMetricFamily(CACHE_ENTRIES, _CACHE_ENTRIES_HELP, labels=["layer"])]
+
+    def collect(self) -> Iterator[Metric]:
+        """One sample per cache layer, as of now."""
+        family = GaugeMetricFamily(CACHE_ENTRIES, _CACHE_ENTRIES_HELP, labels=["layer"])
+        for layer, size in sorted(self.sizes().items()):
+            family.add_metric([layer], float(size))
+        yield family
+
+
+@dataclass
+class _CacheSizesState:
+    sizes: CacheSizes | None = None
+    collector: CacheSizeCollector | None = None
+    refresh: asyncio.TimerHandle | None = None
+
+
+_cache_sizes = _CacheSizesState()
+
+
+def sizes_of(**caches: Sized | None) -> CacheSizes:
+    """A `CacheSizes` reading `len()` of each named cache; a cache that is None (turned off) is left out."""
+
+    def read() -> dict[str, int]:
+        return {layer: len(cache) for layer, cache in caches.items() if cache is not None}
+
+    return read
+
+
+def register_cache_sizes(sizes: CacheSizes) -> None:
+    """Publish `cache_entries{layer}` from `sizes()`, replacing an earlier registration in this process.
+
+    One process: a collector on the default registry reads `sizes()` at every scrape. Several workers: the
+    figures are written to this worker's files now, at every scrape this worker answers and, when called on
+    a running event loop, every CACHE_SIZES_REFRESH_SECONDS.
+    """
+    if _cache_sizes.refresh is not None:
+        _cache_sizes.refresh.cancel()
+        _cache_sizes.refresh = None
+    if _cache_sizes.collector is not None:
+        REGISTRY.unregister(_cache_sizes.collector)
+        _cache_sizes.collector = None
+    _cache_sizes.sizes = sizes
+    if not multiprocess_enabled():
+        _cache_sizes.collector = CacheSizeCollector(sizes)
+        REGISTRY.register(_cache_sizes.collector)
+        return
+    refresh_cache_sizes()
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:  # no loop (a script): figures are refreshed by the scrapes this process answers
+        return
+
+    def tick() -> None:
+        refresh_cache_sizes()
+        _cache_sizes.refresh = loop.call_later(CACHE_SIZES_REFRESH_SECONDS, tick)
+
+    _cache_sizes.refresh = loop.call_later(CACHE_SIZES_REFRESH_SECONDS, tick)
+
+
+def refresh_cache_sizes() -> None:
+    """Several workers: write this worker's current cache sizes to its metric files (no-op otherwise)."""
+    if _cache_sizes.sizes is None or not multiprocess_enabled():
+        return
+    for layer, size in _cache_sizes.sizes().items():
+        _CACHE_ENTRIES_FILES.labels(layer=layer).set(size)
+
+
+# --- process figures of every worker, read at scrape time ----------------------------------------------------
+
+
+def live_worker_pids(directory: str) -> list[int]:
+    """This process and the running siblings that keep live gauges in the multiprocess `directory`.
+
+    Every worker publishes live gauges (build info, event-loop lag) and a worker that stops cleanly removes
+    them (`mark_process_dead`). A worker that was killed leaves its files behind, so a pid counts only while a
+    process with that pid runs under the same parent (the uvicorn supervisor): a reused pid is not a worker.
+    """
+    own = os.getpid()
+    candidates = {own}
+    for path in Path(directory).glob("gauge_live*_*.db"):
+        suffix = path.stem.rsplit("_", 1)[-1]
+        if suffix.isdigit():
+            candidates.add(int(suffix))
+    parent = os.getppid()
+    live = []
+    for pid in sorted(candidates):
+        try:
+            process = psutil.Process(pid)
+            if pid == own or (process.ppid() == parent and process.status() != psutil.STATUS_ZOMBIE):
+                live.append(pid)
+        except psutil.Error:  # gone (or not ours to read)
+            continue
+    return live
+
+
+class WorkerProcessCollector:
+    """`process_*` figures of every live worker, labelled by `pid`, as prometheus-client's own collector names them."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+
+    def collect(self) -> Iterator[Metric]:
+        """Read each worker with psutil; a worker that exits meanwhile is left out."""
+        resident = GaugeMetricFamily("process_resident_memory_bytes", "Resident memory size in bytes.", labels=["pid"])
+        virtual = GaugeMetricFamily("process_virtual_memory_bytes", "Virtual memory size in bytes.", labels=["pid"])
+        cpu = CounterMetricFamily(
+            "process_cpu_seconds", "Total user and system CPU time spent in seconds.", labels=["pid"]
+        )
+        fds = GaugeMetricFamily("process_open_fds", "Number of open file descriptors.", labels=["pid"])
+        started = GaugeMetricFamily(
+            "process_start_time_seconds", "Start time of the process since unix epoch in seconds.", labels=["pid"]
+        )
+        for pid in live_worker_pids(self.directory):
+            try:
+                process = psutil.Process(pid)
+                with process.oneshot():
+                    memory = process.memory_info()
+                    times = process.cpu_times()
+                    open_fds = process.num_fds()
+                    created = process.create_time()
+            except psutil.Error:
+                continue
+            label = [str(pid)]
+            resident.add_metric(label, float(memory.rss))
+            virtual.add_metric(label, float(memory.vms))
+            cpu.add_metric(label, float(times.user + times.system))
+            fds.add_metric(label, float(open_fds))
+            started.add_metric(label, float(created))
+        yield from (resident, virtual, cpu, fds, started)

@@ -31,7 +31,9 @@ def run_main(env: dict[str, str], timeout: float = 120) -> subprocess.CompletedP
         ({"PORT": "70000"}, "PORT='70000'"),
         ({"AGENT_SIMILARITY_THRESHOLD": "1.5"}, "AGENT_SIMILARITY_THRESHOLD='1.5'"),
         ({"CACHE_ENABLED": "maybe"}, "CACHE_ENABLED='maybe'"),
-        ({"ENVIRONMENT": "production", "SECRET_KEY": ""}, "SECRET_KEY must be set"),
+        ({"ENVIRONMENT": "production", "ALLOWED_ORIGINS": "https://a.example,*"}, "ALLOWED_ORIGINS must not contain"),
+        ({"ENVIRONMENT": "production", "DEBUG": "true"}, "DEBUG must be false"),
+        ({"USE_HTTPS": "true", "TRUSTED_PROXIES": ""}, "USE_HTTPS=true needs TRUSTED_PROXIES"),
         ({"TRUSTED_PROXIES": "10.0.0.0/8,not-a-network"}, "TRUSTED_PROXIES="),
         ({"RATE_LIMIT_STORAGE_URI": "ftp://x"}, "RATE_LIMIT_STORAGE_URI='ftp://x'"),
     ],
@@ -44,6 +46,15 @@ def test_bad_value_stops_startup_with_one_line(env: dict[str, str], expected: st
     assert lines[0].startswith("Invalid configuration:")
     assert expected in lines[0]
     assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_production_needs_no_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SECRET_KEY is reserved and unused: production (the original recipe's `-e ENVIRONMENT=production`) needs none."""
+    for name in Settings.model_fields:
+        monkeypatch.delenv(name.upper(), raising=False)
+    settings = Settings(_env_file=None, environment="production")  # type: ignore[call-arg]
+    assert settings.secret_key is None and "*" not in settings.allowed_origins
+    assert Settings(_env_file=None, environment="production", secret_key="x" * 40).secret_key is not None  # type: ignore[call-arg]
 
 
 def test_invalid_dataset_stops_startup_naming_the_entry(tmp_path: Path) -> None:
