@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from starlette.types import Send
+
 _STATUS_TYPES: dict[int, tuple[str, str]] = {
     400: ("bad_request", "bad_request"),
     401: ("authentication_error", "unauthorized"),
@@ -37,3 +39,11 @@ def error_body(status: int, detail: str, reason: str | None = None) -> dict[str,
 def error_bytes(status: int, detail: str, reason: str | None = None) -> bytes:
     """`error_body` as the UTF-8 JSON bytes of a response body."""
     return json.dumps(error_body(status, detail, reason)).encode()
+
+
+async def send_error(send: Send, status: int, detail: str, reason: str | None = None) -> None:
+    """Answer an ASGI request with the error body (for middleware that answers before any route)."""
+    body = error_bytes(status, detail, reason)
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
-
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from infrastructure.error_format import error_body
+from infrastructure.error_format import send_error
 
 
 class BodyTooLargeError(HTTPException):
@@ -63,12 +61,4 @@ class BodySizeLimitMiddleware:
             if too_large
             else "Content-Length header is not a number"
         )
-        body = json.dumps(error_body(status, detail)).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        await send_error(send, status, detail)

@@ -7,11 +7,9 @@ and `/health` / `/health-status` build nothing from the Host header.
 
 from __future__ import annotations
 
-import json
-
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from infrastructure.error_format import error_body
+from infrastructure.error_format import send_error
 
 PROBE_PATHS = frozenset({"/health", "/health-status"})
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "[::1]"})
@@ -66,14 +64,4 @@ class AllowedHostsMiddleware:
             await send({"type": "websocket.close", "code": 1008})
             return
         shown = name[:100] or "(none)"
-        body = json.dumps(
-            error_body(400, f"Host {shown!r} is not served here (see ALLOWED_HOSTS)", "invalid_host")
-        ).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 400,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        await send_error(send, 400, f"Host {shown!r} is not served here (see ALLOWED_HOSTS)", "invalid_host")

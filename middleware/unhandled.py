@@ -7,13 +7,11 @@ security headers. This middleware sits inside them and answers first.
 
 from __future__ import annotations
 
-import json
-
 import structlog
 from asgi_correlation_id import correlation_id
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from middleware.errors import internal_error_body
+from infrastructure.error_format import send_error
 
 logger = structlog.get_logger(__name__)
 
@@ -46,12 +44,4 @@ class UnhandledErrorMiddleware:
             if response_started:
                 raise
             logger.exception("unhandled_error", path=scope["path"], request_id=correlation_id.get())
-            body = json.dumps(internal_error_body()).encode()
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": 500,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-                }
-            )
-            await send({"type": "http.response.body", "body": body})
+            await send_error(send, 500, "Internal server error")  # the body of middleware.errors.internal_error_body

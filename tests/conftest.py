@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -19,6 +20,18 @@ STARTUP_TIMEOUT_SECONDS = 420.0
 TEST_ENV = {"ENVIRONMENT": "test", "RATE_LIMIT_REQUESTS_PER_MINUTE": "1000000"}
 
 __all__ = ["ROOT", "free_port"]
+
+
+def log_records(server: LocalServer) -> list[dict[str, Any]]:
+    """The server's JSON log lines, parsed (other lines skipped)."""
+    records = []
+    for line in server.log().splitlines():
+        if line.startswith("{"):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
 
 
 def poll_until(check: Callable[[], Any], timeout: float, interval: float = 0.1) -> Any:

@@ -18,19 +18,8 @@ from websockets.asyncio.client import connect
 
 from services.embedding_cache import SharedCache, cache_key
 from services.embedding_providers import LocalMiniLMProvider
-from tests.conftest import ServerProcess, poll_until
+from tests.conftest import ServerProcess, log_records, poll_until
 from tests.redis_server import REDIS_SERVER, RedisServer
-
-
-def log_events(server: ServerProcess) -> list[dict[str, Any]]:
-    records = []
-    for line in server.log().splitlines():
-        if line.startswith("{"):
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return records
 
 
 def test_a_flipped_byte_in_the_index_file_is_detected_and_rebuilt(
@@ -45,7 +34,7 @@ def test_a_flipped_byte_in_the_index_file_is_detected_and_rebuilt(
     server = start_server(CACHE_DIR=str(cache_dir))
     answer = httpx.post(f"{server.base_url}/ask", json={"question": "What is a health factor?"}, timeout=30).json()
     assert answer["sources"][0]["id"] == "health-factor"
-    events = log_events(server)
+    events = log_records(server)
     unreadable = [event for event in events if event["event"] == "index_cache_unreadable"]
     assert unreadable and "CRC" in unreadable[0]["error"]
     assert any(event["event"] == "agent_built" and event["index_from_cache"] is False for event in events)
@@ -82,7 +71,7 @@ def test_a_malformed_shared_vector_is_a_miss_and_never_copied(
         response = httpx.post(f"{server.base_url}/ask", json={"question": question}, timeout=30)
         assert response.status_code == 200, response.text
         assert response.json()["sources"][0]["id"] == "health-factor"
-    rejected = [event for event in log_events(server) if event["event"] == "embedding_cache_entry_rejected"]
+    rejected = [event for event in log_records(server) if event["event"] == "embedding_cache_entry_rejected"]
     assert len(rejected) == 1 and rejected[0]["layer"] == "shared"
     with redis_server.client() as redis:  # replaced by the model's own vector
         stored = redis.get(SharedCache.PREFIX + cache_key(LocalMiniLMProvider.model_id, question))
@@ -123,5 +112,5 @@ def test_refused_questions_cost_no_budget_and_charged_ones_say_so(start_server: 
 def test_the_session_id_never_reaches_the_log(server: ServerProcess) -> None:
     response = httpx.post(f"{server.base_url}/v2/ask", json={"question": "What is Aave?"}, timeout=30)
     session_id = response.json()["session_id"]
-    poll_until(lambda: any(e.get("event") == "request_finished" for e in log_events(server)), 10)
+    poll_until(lambda: any(e.get("event") == "request_finished" for e in log_records(server)), 10)
     assert session_id not in server.log()

@@ -39,7 +39,7 @@ from infrastructure.rate_limit import QuestionRateLimiter
 from infrastructure.windows import OutcomeWindow, RequestWindow, percentile
 from middleware.errors import install_error_handlers
 from services.sessions import MemorySessionStore
-from tests.conftest import ServerProcess, poll_until
+from tests.conftest import ServerProcess, log_records, poll_until
 from tests.test_browser import ARTIFACTS, Browser, browser  # noqa: F401  (the module-scoped Chromium fixture)
 
 ADMIN_TOKEN = "admin-" + uuid.uuid4().hex
@@ -79,17 +79,6 @@ def ask(server: ServerProcess, question: str, path: str = "/ask", **headers: str
 def unique_question() -> str:
     """A question no cache layer has seen (the nonce changes the cache key, not the topic)."""
     return f"What is a flash loan, {uuid.uuid4().hex[:10]}?"
-
-
-def log_records(server: ServerProcess) -> list[dict[str, Any]]:
-    records = []
-    for line in server.log().splitlines():
-        if line.startswith("{"):
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return records
 
 
 def wait_until(check: Callable[[], Any], timeout: float = WAIT_SECONDS, interval: float = 0.1) -> Any:

@@ -27,7 +27,7 @@ from api.monitoring import CHECK_MAX_AGE_SECONDS, BoundedCheck
 from middleware.errors import internal_error_body
 from middleware.hosts import host_allowed, host_name, parse_allowed_hosts
 from middleware.unhandled import UnhandledErrorMiddleware
-from tests.conftest import ServerProcess, poll_until
+from tests.conftest import ServerProcess, log_records, poll_until
 from tests.redis_server import REDIS_SERVER, RedisServer
 
 needs_redis = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed (make system-deps)")
@@ -36,18 +36,6 @@ ADMIN_TOKEN = "readiness-admin-token"
 PROBE_DEADLINE_SECONDS = 2.0  # the bound is 0.5 s; generous for a loaded CI machine
 SECURITY_HEADERS = {"x-content-type-options": "nosniff", "referrer-policy": "no-referrer", "x-frame-options": "DENY"}
 PUBLIC_KEYS = {"status", "timestamp", "components"}
-
-
-def log_records(server: ServerProcess) -> list[dict[str, Any]]:
-    """The server's JSON log lines, parsed."""
-    records = []
-    for line in server.log().splitlines():
-        if line.startswith("{"):
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return records
 
 
 def assert_public(body: dict[str, Any]) -> None:
