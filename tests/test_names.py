@@ -9,13 +9,13 @@ import dataclasses
 import json
 import random
 import string
-import time
 from functools import cache
 from pathlib import Path
 
 import pytest
 
 from services.names import (
+    MAX_SLOW_WORDS,
     REASON_CAMEL,
     REASON_CAPITALISED,
     REASON_DOLLAR,
@@ -354,22 +354,12 @@ def test_title_case_and_shouting_say_nothing_about_names() -> None:
     assert terms("IS YANTORO A SCAM") == {"YANTORO"}
 
 
-def test_cost_per_question() -> None:
+def test_work_per_question_is_bounded() -> None:
+    """Gibberish and junk stop early; their cost is measured in bench/, not asserted here."""
     vocab = vocabulary()
-    questions = REAL + [question for question, _ in MADE_UP]
-    start = time.perf_counter()
-    for question in questions:
-        vocab.unknown_terms(question)
-    per_question = (time.perf_counter() - start) / len(questions)
-    assert per_question < 0.001  # ~5-60 µs measured; generous for a loaded CI host
-
     random.seed(7)
     gibberish = " ".join("".join(random.choices(string.ascii_lowercase, k=9)) for _ in range(100))
-    start = time.perf_counter()
     found = vocab.unknown_terms(gibberish)
-    assert time.perf_counter() - start < 0.1  # the slow checks stop after a bounded number of words
-    assert 0 < len(found) <= 16
+    assert 0 < len(found) <= MAX_SLOW_WORDS  # the slow checks stop after a bounded number of words
     for junk in ("x" * 5000, "DRpbCBMxVnDK7maPM5tGv6MvB3v1sRMC86PZ8okm21hy", "word " * 2000):
-        start = time.perf_counter()
         assert vocab.unknown_terms(junk) == []
-        assert time.perf_counter() - start < 0.1

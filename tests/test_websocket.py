@@ -431,7 +431,7 @@ async def test_heartbeat_then_idle_close(limits_server: ServerProcess) -> None:
     elapsed = time.monotonic() - started
     assert (code, reason) == (1000, "idle timeout")
     assert {event["type"] for event in received} <= {"heartbeat"}
-    assert 0.9 <= elapsed < 4.0, elapsed
+    assert elapsed >= 0.9, elapsed  # not before the idle limit (closed_with bounds the wait)
     assert log_events(limits_server, "websocket_idle_closed")
 
 
