@@ -18,11 +18,12 @@ from dataclasses import dataclass, field
 import structlog
 from redis.asyncio import Redis
 
-from agents.agent import DeFiAgent
+from agents.agent import AnswerListener, DeFiAgent
 from agents.answer_cache import AnswerCache
 from agents.context import AgentSettings
 from api.monitoring import Monitoring
 from config import APP_VERSION, Settings
+from infrastructure.database import Database, describe_url
 from infrastructure.metrics import register_cache_sizes, set_build_info, sizes_of
 from infrastructure.rate_limit import QuestionRateLimiter
 from infrastructure.redis_client import create_redis
@@ -30,10 +31,12 @@ from infrastructure.runtime_tuning import freeze_startup_heap, limit_blas_thread
 from services.embedding_cache import DiskCache, MemoryCache, SharedCache
 from services.embedding_providers import EmbeddingProvider, LocalMiniLMProvider, OpenAIProvider
 from services.embeddings import EmbeddingService
+from services.feedback import FeedbackStore
 from services.generation import AnswerGenerator
 from services.knowledge import LiveKnowledge, build_snapshot
 from services.knowledge_base import DatasetError, KnowledgeBase, load_knowledge_base
 from services.openai_compat import ProviderCheckError
+from services.question_log import AnswerRecord, QuestionLog
 from services.sessions import MemorySessionStore, RedisSessionStore, SessionStore
 
 logger = structlog.get_logger(__name__)
@@ -49,6 +52,9 @@ class Services:
     sessions: SessionStore
     answer_cache: AnswerCache | None
     agent: DeFiAgent
+    database: Database | None = None
+    question_log: QuestionLog | None = None
+    feedback: FeedbackStore | None = None
     background: list[asyncio.Task[None]] = field(default_factory=list)
 
 
@@ -170,7 +176,7 @@ def agent_settings(settings: Settings) -> AgentSettings:
 
 
 async def build_core(
-    settings: Settings, seed: KnowledgeBase, redis: Redis | None = None, monitoring: Monitoring | None = None
+    settings: Settings, seed: KnowledgeBase, redis: Redis | None = None, on_answer: AnswerListener | None = None
 ) -> Services:
     """Load the embedder, index the seed knowledge base and assemble the agent (blocking parts off the loop).
 
@@ -200,7 +206,7 @@ async def build_core(
         agent_settings(settings),
         generator,
         answer_cache,
-        on_outcome=monitoring.outcomes.record if monitoring is not None else None,
+        on_answer=on_answer,
     )
     logger.info(
         "agent_built",
@@ -215,10 +221,50 @@ async def build_core(
     return Services(redis, embeddings, knowledge, sessions, answer_cache, agent)
 
 
+async def open_database(settings: Settings) -> Database:
+    """Connect to the database and bring its schema up to date (Alembic migrations, one process at a time)."""
+    database = Database(settings.database)
+    try:
+        await database.migrate()
+    except Exception as error:
+        await database.close()
+        logger.error("database_unavailable", url=describe_url(database.url), error=f"{type(error).__name__}: {error}")
+        raise RuntimeError(f"the database at {describe_url(database.url)} cannot be used: {error}") from error
+    return database
+
+
+def build_question_log(settings: Settings, database: Database) -> QuestionLog:
+    """The question log on the database, with the configured retention and queue size."""
+    return QuestionLog(
+        database,
+        enabled=settings.question_log_enabled,
+        max_chars=settings.question_max_chars,
+        retention_days=settings.question_log_retention_days,
+        queue_size=settings.question_log_queue_size,
+    )
+
+
+def answer_listener(monitoring: Monitoring, question_log: QuestionLog) -> AnswerListener:
+    """Every finished question goes to the dashboard's outcome window and the question log."""
+
+    def on_answer(record: AnswerRecord) -> None:
+        outcome = "answered" if record.outcome in ("answered", "generative", "fallback") else record.outcome
+        monitoring.outcomes.record(outcome, record.confidence)
+        question_log.record(record)
+
+    return on_answer
+
+
 async def start_services(settings: Settings, seed: KnowledgeBase, monitoring: Monitoring) -> Services:
     """Build every service of a serving process and start its background tasks."""
+    database = await open_database(settings)
+    question_log = build_question_log(settings, database)
+    await question_log.start()
     redis = create_redis(settings.redis_url) if settings.redis_url else None  # connects lazily, never blocks here
-    services = await build_core(settings, seed, redis, monitoring)
+    services = await build_core(settings, seed, redis, answer_listener(monitoring, question_log))
+    services.database = database
+    services.question_log = question_log
+    services.feedback = FeedbackStore(question_log)
     freeze_startup_heap()
     await asyncio.to_thread(release_freed_memory)
     set_build_info(APP_VERSION, platform.python_version(), services.embeddings.model_id)
@@ -231,6 +277,8 @@ async def start_services(settings: Settings, seed: KnowledgeBase, monitoring: Mo
         asyncio.create_task(services.sessions.run_cleanup(settings.session_cleanup_interval_seconds)),
         asyncio.create_task(monitoring.loop_lag.run()),
     ]
+    if question_log.enabled:
+        services.background += [asyncio.create_task(question_log.run()), asyncio.create_task(question_log.run_purge())]
     return services
 
 
@@ -242,6 +290,10 @@ async def stop_services(services: Services) -> None:
         with suppress(asyncio.CancelledError):
             await task
     await services.embeddings.close()
+    if services.question_log is not None:
+        await services.question_log.close()
+    if services.database is not None:
+        await services.database.close()
     if services.redis is not None:
         await services.redis.aclose()
 

@@ -17,6 +17,28 @@ APP_VERSION = "1.0.0"
 
 Environment = Literal["development", "test", "staging", "production"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+SUPPORTED_DATABASE_SCHEMES = ("sqlite+aiosqlite", "postgresql+asyncpg")
+
+
+def normalize_database_url(url: str) -> str:
+    """The async-driver form of a database URL (`postgres://`, `postgresql://` and `sqlite://` get their driver).
+
+    Raises ValueError for any other scheme.
+    """
+    scheme, separator, rest = url.partition("://")
+    if not separator:
+        raise ValueError("must be a URL such as sqlite+aiosqlite:///path/defi.db or postgresql+asyncpg://host/db")
+    scheme = {"postgres": "postgresql+asyncpg", "postgresql": "postgresql+asyncpg", "sqlite": "sqlite+aiosqlite"}.get(
+        scheme, scheme
+    )
+    if scheme not in SUPPORTED_DATABASE_SCHEMES:
+        raise ValueError(f"scheme {scheme!r} is not supported; use sqlite+aiosqlite:// or postgresql+asyncpg://")
+    return f"{scheme}://{rest}"
+
+
+def sqlite_url(path: Path) -> str:
+    """The SQLite URL of a database file."""
+    return f"sqlite+aiosqlite:///{path}"
 
 
 class Settings(BaseSettings):
@@ -110,6 +132,12 @@ class Settings(BaseSettings):
     max_sessions_per_client: int = Field(default=100, gt=0)
     session_wait_seconds: float = Field(default=15.0, ge=0.0, le=600.0)
 
+    # Database: the question log and feedback (SQLite file by default, PostgreSQL when processes share it)
+    database_url: str | None = None  # unset: sqlite+aiosqlite:///<CACHE_DIR>/defi.db
+    question_log_enabled: bool = True
+    question_log_retention_days: int = Field(default=30, ge=1, le=3650)
+    question_log_queue_size: int = Field(default=10_000, ge=100, le=1_000_000)
+
     # Streaming
     stream_word_delay_ms: float = Field(default=0.0, ge=0.0, le=2000.0)
     ws_heartbeat_interval_seconds: float = Field(default=30.0, gt=0)
@@ -150,8 +178,20 @@ class Settings(BaseSettings):
             raise ValueError("must be a redis:// or rediss:// URL such as redis://host:6379/0 (empty: no Redis)")
         return value
 
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: str | None) -> str | None:
+        return normalize_database_url(value) if value is not None else None
+
     @field_validator(
-        "secret_key", "admin_token", "metrics_token", "openai_api_key", "openai_base_url", "redis_url", mode="before"
+        "secret_key",
+        "admin_token",
+        "metrics_token",
+        "openai_api_key",
+        "openai_base_url",
+        "redis_url",
+        "database_url",
+        mode="before",
     )
     @classmethod
     def _empty_means_unset(cls, value: object) -> object:
@@ -180,6 +220,11 @@ class Settings(BaseSettings):
         if self.redis_url is not None and "rate_limit_storage_uri" not in self.model_fields_set:
             self.rate_limit_storage_uri = self.redis_url  # one Redis for everything unless told otherwise
         return self
+
+    @property
+    def database(self) -> str:
+        """DATABASE_URL, or the SQLite file in CACHE_DIR when it is unset."""
+        return self.database_url or sqlite_url(self.cache_dir / "defi.db")
 
     @property
     def is_production(self) -> bool:

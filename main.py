@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from api.monitoring import Monitoring, warn_if_operator_endpoints_open
-from api.routes import ask, health, operations, stream, ui, websocket
+from api.routes import ask, feedback, health, operations, stream, ui, websocket
 from bootstrap import build_rate_limiter, load_seed_or_exit, start_services, stop_services
 from config import APP_VERSION, Settings, get_settings
 from infrastructure.logging import configure_logging
@@ -42,6 +42,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     state.sessions = services.sessions
     state.answer_cache = services.answer_cache
     state.agent = services.agent
+    state.database = services.database
+    state.question_log = services.question_log
+    state.feedback = services.feedback
     warn_if_operator_endpoints_open(settings)
     logger.info("service_ready", host=settings.host, port=settings.port, environment=settings.environment)
     try:
@@ -107,6 +110,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(CorrelationIdMiddleware, header_name="X-Request-ID")
     app.include_router(health.router)
     app.include_router(ask.router)
+    app.include_router(feedback.router)
     app.include_router(stream.router)
     app.include_router(websocket.router)
     app.include_router(operations.router)

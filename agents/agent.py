@@ -9,6 +9,7 @@ the knowledge snapshot current at that moment and records the turn.
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -26,6 +27,7 @@ from agents.validation import clean_question
 from infrastructure.logging import session_tag, truncate_for_log
 from infrastructure.metrics import AGENT_CONFIDENCE, AGENT_PROCESSING, AGENT_QUERIES
 from services.embedding_providers import EmbeddingError
+from services.question_log import AnswerRecord, Outcome, utcnow
 from services.sessions import Session, SessionStore, SessionStoreUnavailableError, Turn
 from services.sources import ProcessingStage, Source
 
@@ -33,8 +35,8 @@ logger = structlog.get_logger(__name__)
 
 EMBEDDING_UNAVAILABLE = "The embedding model is unavailable; please retry shortly."
 
-OutcomeListener = Callable[[str, float | None], None]
-"""Told of every finished question: its outcome (answered / no_match / error) and confidence."""
+AnswerListener = Callable[[AnswerRecord], None]
+"""Told of every finished question (answered, declined or failed); must not block (e.g. the question log's queue)."""
 
 
 class AgentUnavailableError(RuntimeError):
@@ -79,6 +81,7 @@ class Question:
 
     text: str
     session: Session | None = None
+    transport: str = "rest"
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,8 @@ class AgentResult:
     session_id: str | None = None
     error: str | None = None
     unknown_terms: tuple[str, ...] = ()
+    answer_id: str = ""
+    kb_version: int | None = None
 
 
 class DeFiAgent:
@@ -106,7 +111,7 @@ class DeFiAgent:
         settings: AgentSettings,
         generator: Generator | None = None,
         answer_cache: AnswerCache | None = None,
-        on_outcome: OutcomeListener | None = None,
+        on_answer: AnswerListener | None = None,
     ) -> None:
         self._embedder = embedder
         self._knowledge = knowledge
@@ -114,7 +119,7 @@ class DeFiAgent:
         self._settings = settings
         self._generator = generator
         self._answers = answer_cache if generator is None else None  # generated answers are not repeatable
-        self._on_outcome = on_outcome
+        self._on_answer = on_answer
         self._graph = build_graph(generative=generator is not None)
 
     async def accept(
@@ -125,18 +130,20 @@ class DeFiAgent:
         new_session: bool = False,
         owner: str = "",
         adopt_id: bool = False,
+        transport: str = "rest",
     ) -> Question:
         """Validate a question (raises InvalidQuestionError) and attach its session.
 
         `session_id` continues that session (a new one is started when it is unknown, expired or deleted);
         `new_session` starts one when no id is given; otherwise the question is stateless. A new session
         counts against `owner` (the client); `adopt_id` creates it under `session_id` itself (an id this
-        server announced but never stored).
+        server announced but never stored). `transport` names the surface it came from, for the question log.
         """
         text = clean_question(raw, self._settings.question_max_chars)
         if session_id is None and not new_session:
-            return Question(text)
-        return Question(text, await self._sessions.get_or_create(session_id, owner, adopt_id=adopt_id))
+            return Question(text, transport=transport)
+        session = await self._sessions.get_or_create(session_id, owner, adopt_id=adopt_id)
+        return Question(text, session, transport)
 
     async def answer(self, question: Question) -> AgentResult:
         """Answer one question; inside a session the previous turn gives follow-ups their context.
@@ -145,7 +152,9 @@ class DeFiAgent:
         for the running one up to SESSION_WAIT_SECONDS, then raises SessionBusyError.
         """
         async with self._turn_of(question.session):
-            return await self._finish(question, await self._final_state(question))
+            started = time.perf_counter()
+            snapshot = self._knowledge.current
+            return await self._finish(question, await self._final_state(question, snapshot, started), snapshot, started)
 
     async def stream(self, question: Question) -> AsyncGenerator[StreamEvent, None]:
         """Yield `metadata`, `word`... and `complete` events; an `error` event ends a failed stream.
@@ -162,27 +171,37 @@ class DeFiAgent:
 
     async def _stream_locked(self, question: Question) -> AsyncIterator[StreamEvent]:
         started = time.perf_counter()
+        snapshot = self._knowledge.current
         final: AgentState | None = None
         try:
             async for mode, chunk in self._graph.astream(
-                self._input(question, streaming=True), context=self._context(), stream_mode=["custom", "values"]
+                self._input(question, streaming=True),
+                context=self._context(snapshot),
+                stream_mode=["custom", "values"],
             ):
                 if mode == "custom":
                     yield cast(StreamEvent, chunk)
                 else:
                     final = cast(AgentState, chunk)
         except EmbeddingError as error:
-            self._failed(error)
+            self._failed(error, question, snapshot.version, started)
             yield ErrorEvent(EMBEDDING_UNAVAILABLE, "embedding_unavailable", 503)
             return
         AGENT_PROCESSING.observe(time.perf_counter() - started)
         assert final is not None
         try:
-            result = await self._finish(question, final)
+            result = await self._finish(question, final, snapshot, started)
         except SessionStoreUnavailableError as error:  # the answer went out but the turn could not be saved
             yield ErrorEvent(str(error), "session_store_unavailable", 503)
             return
-        yield CompleteEvent(result.confidence, result.processing_stage, len(result.answer.split()), result.error)
+        yield CompleteEvent(
+            result.confidence,
+            result.processing_stage,
+            len(result.answer.split()),
+            result.error,
+            result.answer_id,
+            result.kb_version,
+        )
 
     @asynccontextmanager
     async def _turn_of(self, session: Session | None) -> AsyncIterator[None]:
@@ -201,8 +220,7 @@ class DeFiAgent:
         finally:
             session.lock.release()
 
-    def _context(self) -> GraphContext:
-        snapshot = self._knowledge.current
+    def _context(self, snapshot: KnowledgeView) -> GraphContext:
         return GraphContext(self._settings, self._embedder, snapshot.ranker, self._generator, snapshot.names)
 
     @staticmethod
@@ -218,11 +236,9 @@ class DeFiAgent:
             "streaming": streaming,
         }
 
-    async def _final_state(self, question: Question) -> AgentState:
+    async def _final_state(self, question: Question, snapshot: KnowledgeView, started: float) -> AgentState:
         """Run the graph, or reuse the outcome of an identical earlier run from the answer cache."""
-        started = time.perf_counter()
         state = self._input(question, streaming=False)
-        snapshot = self._knowledge.current
         subjects = tuple(state.get("previous_subjects") or ())
         key: AnswerKey = (
             snapshot.version,
@@ -233,30 +249,66 @@ class DeFiAgent:
         )
         final = self._answers.get(key) if self._answers is not None else None
         if final is None:
-            context = GraphContext(self._settings, self._embedder, snapshot.ranker, self._generator, snapshot.names)
             try:
-                final = cast(AgentState, await self._graph.ainvoke(state, context=context))
+                final = cast(AgentState, await self._graph.ainvoke(state, context=self._context(snapshot)))
             except EmbeddingError as error:
-                self._failed(error)
+                self._failed(error, question, snapshot.version, started)
                 raise AgentUnavailableError(EMBEDDING_UNAVAILABLE) from error
             if self._answers is not None:
                 self._answers.put(key, final)
         AGENT_PROCESSING.observe(time.perf_counter() - started)
         return final
 
-    def _count(self, outcome: str, confidence: float | None) -> None:
-        AGENT_QUERIES.labels(outcome=outcome).inc()
-        if self._on_outcome is not None:
-            self._on_outcome(outcome, confidence)
-
-    def _failed(self, error: EmbeddingError) -> None:
-        self._count("error", None)
+    def _failed(self, error: EmbeddingError, question: Question, kb_version: int, started: float) -> None:
+        AGENT_QUERIES.labels(outcome="error").inc()
         logger.error("agent_failed", error=str(error))
+        self._tell(question, new_answer_id(), "error", None, None, None, kb_version, started, ())
 
-    async def _finish(self, question: Question, state: AgentState) -> AgentResult:
+    def _tell(
+        self,
+        question: Question,
+        answer_id: str,
+        outcome: Outcome,
+        confidence: float | None,
+        resolved_question: str | None,
+        top_entry_id: str | None,
+        kb_version: int,
+        started: float,
+        unknown_terms: tuple[str, ...],
+    ) -> None:
+        if self._on_answer is None:
+            return
+        self._on_answer(
+            AnswerRecord(
+                answer_id=answer_id,
+                created_at=utcnow(),
+                transport=question.transport,
+                question=question.text,
+                resolved_question=resolved_question if resolved_question != question.text else None,
+                top_entry_id=top_entry_id,
+                confidence=confidence,
+                outcome=outcome,
+                latency_ms=(time.perf_counter() - started) * 1000.0,
+                session_id=question.session.id if question.session is not None else None,
+                kb_version=kb_version,
+                unknown_terms=unknown_terms,
+            )
+        )
+
+    def _outcome(self, state: AgentState, unknown_terms: tuple[str, ...]) -> Outcome:
+        if state["processing_stage"] != "response_complete":
+            return "no_match"
+        if (state.get("error") or "").startswith("generative_fallback"):
+            return "fallback"
+        # In generative mode the graph hands every matched question without unknown names to the chat model.
+        return "generative" if self._generator is not None and not unknown_terms else "answered"
+
+    async def _finish(
+        self, question: Question, state: AgentState, snapshot: KnowledgeView, started: float
+    ) -> AgentResult:
         stage = state["processing_stage"]
         session = question.session
-        self._count("answered" if stage == "response_complete" else "no_match", state["confidence"])
+        AGENT_QUERIES.labels(outcome="answered" if stage == "response_complete" else "no_match").inc()
         AGENT_CONFIDENCE.observe(state["confidence"])
         result = AgentResult(
             answer=state["answer"],
@@ -267,6 +319,8 @@ class DeFiAgent:
             session_id=session.id if session is not None else None,
             error=state.get("error"),
             unknown_terms=tuple(state.get("unknown_terms", ())),
+            answer_id=new_answer_id(),
+            kb_version=snapshot.version,
         )
         if session is not None:
             turn = Turn(
@@ -289,4 +343,20 @@ class DeFiAgent:
             top_source=result.sources[0].id if result.sources else None,
             session=session_tag(result.session_id),
         )
+        self._tell(
+            question,
+            result.answer_id,
+            self._outcome(state, result.unknown_terms),
+            result.confidence,
+            result.resolved_question,
+            result.sources[0].id if result.sources else None,
+            snapshot.version,
+            started,
+            result.unknown_terms,
+        )
         return result
+
+
+def new_answer_id() -> str:
+    """A fresh, unguessable answer id (32 hex characters)."""
+    return secrets.token_hex(16)

@@ -69,6 +69,8 @@ class CompleteEvent:
     processing_stage: StreamStage
     total_words: int
     error: str | None = None
+    answer_id: str | None = None  # the id to rate the answer with (POST /v2/feedback); None when cancelled
+    kb_version: int | None = None  # the knowledge-base version that answered
 
     def to_wire(self) -> dict[str, Any]:
         """The JSON object clients receive (`error` only when the answer fell back)."""
@@ -80,6 +82,10 @@ class CompleteEvent:
         }
         if self.error is not None:
             wire["error"] = self.error
+        if self.answer_id is not None:
+            wire["answer_id"] = self.answer_id
+        if self.kb_version is not None:
+            wire["kb_version"] = self.kb_version
         return wire
 
 

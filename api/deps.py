@@ -18,6 +18,7 @@ from infrastructure.metrics import RATE_LIMIT_REJECTIONS
 from infrastructure.rate_limit import QuestionRateLimiter, RateLimitExceededError, client_address
 from middleware.request_context import RATE_LIMIT_HEADERS_KEY, route_template
 from services.embeddings import EmbeddingService
+from services.feedback import FeedbackStore
 from services.knowledge import LiveKnowledge
 from services.sessions import SessionStore
 
@@ -66,10 +67,19 @@ async def spend_question_budget(request: Request) -> None:
 
 
 async def accept_question(
-    agent: DeFiAgent, request: Request, response: Response, raw: object, session_id: str | None, *, new_session: bool
+    agent: DeFiAgent,
+    request: Request,
+    response: Response,
+    raw: object,
+    session_id: str | None,
+    *,
+    new_session: bool,
+    transport: str = "rest",
 ) -> Question:
     """Validate the question and resolve its session through the agent; name the session in X-Session-ID."""
-    question = await agent.accept(raw, session_id, new_session=new_session, owner=client_key(request))
+    question = await agent.accept(
+        raw, session_id, new_session=new_session, owner=client_key(request), transport=transport
+    )
     if question.session is not None:
         response.headers["X-Session-ID"] = question.session.id
     return question
@@ -125,4 +135,5 @@ EmbeddingsDep = Annotated[EmbeddingService, Depends(from_state("embeddings"))]
 KnowledgeDep = Annotated[LiveKnowledge, Depends(from_state("knowledge"))]
 AnswerCacheDep = Annotated[AnswerCache | None, Depends(from_state("answer_cache"))]
 MonitoringDep = Annotated[Monitoring, Depends(from_state("monitoring"))]
+FeedbackDep = Annotated[FeedbackStore, Depends(from_state("feedback"))]
 """The monitoring windows, loop-lag monitor and system sampler of this process."""

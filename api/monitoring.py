@@ -109,6 +109,7 @@ class Monitoring:
     last_status: Status | None = None
     redis_check: BoundedCheck[str | None] = field(default_factory=lambda: BoundedCheck("redis"))
     sessions_check: BoundedCheck[int | None] = field(default_factory=lambda: BoundedCheck("sessions"))
+    database_check: BoundedCheck[str | None] = field(default_factory=lambda: BoundedCheck("database"))
 
 
 def component(status: Status, detail: str, **extra: Any) -> dict[str, Any]:
@@ -215,6 +216,17 @@ def redis_component(problem: str | None) -> dict[str, Any]:
     )
 
 
+def database_component(problem: str | None, dialect: str) -> dict[str, Any]:
+    """Healthy when the database answers and the question log keeps up; otherwise degraded, with why."""
+    if problem is None:
+        return component("healthy", f"database reachable ({dialect}); the question log is writing", dialect=dialect)
+    return component(
+        "degraded",
+        f"{problem}: questions are still answered; feedback answers 503 until the database is back",
+        dialect=dialect,
+    )
+
+
 @dataclass(frozen=True)
 class ServingParts:
     """What readiness judges: the embedding service, the live knowledge base and the no-match threshold."""
@@ -231,8 +243,12 @@ def health_report(
     *,
     redis_configured: bool = False,
     active_sessions: int | None = None,
+    database: tuple[str, str | None] | None = None,
 ) -> dict[str, Any]:
-    """The `/health-status` body. A Redis outage makes the service degraded, not unhealthy: it still answers."""
+    """The `/health-status` body. A Redis or database outage degrades the service, not more: it still answers.
+
+    `database` is (dialect, problem or None) when the service has one.
+    """
     components: dict[str, dict[str, Any]] = {}
     hit_rate: float | None = None
     if parts is None:
@@ -255,6 +271,9 @@ def health_report(
         components["redis"] = redis_component(redis_problem)
         if redis_problem is not None:
             statuses.append("degraded")
+    if database is not None:
+        components["database"] = database_component(database[1], database[0])
+        statuses.append(components["database"]["status"])
     status = worst(statuses)
     requests = monitoring.requests.snapshot()["total"]
     outcomes = monitoring.outcomes.snapshot()

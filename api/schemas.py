@@ -42,6 +42,33 @@ class AskResponse(BaseModel):
         default_factory=list,
         description="Names in the question that the knowledge base never mentions; the answer says so.",
     )
+    answer_id: str = Field(description="This answer's id: rate it with POST /v2/feedback.")
+    kb_version: int | None = Field(default=None, description="The knowledge-base version that answered.")
+
+
+class FeedbackRequest(BaseModel):
+    """A rating of one answer."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"answer_id": "9f1c…", "rating": "wrong", "comment": "The fee changed"}]}
+    )
+
+    answer_id: StrictStr = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$", description="The `answer_id` of an answer.")
+    rating: Literal["helpful", "wrong"]
+    comment: StrictStr | None = Field(default=None, max_length=1000, description="Optional, up to 1,000 characters.")
+    session_id: StrictStr | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9_-]{1,128}$",
+        description="The rater's session (default: the answer's own); one rating per answer and session.",
+    )
+
+
+class FeedbackResponse(BaseModel):
+    """A stored rating (a second one from the same session replaced the first)."""
+
+    status: Literal["recorded"] = "recorded"
+    answer_id: str
+    rating: Literal["helpful", "wrong"]
 
 
 class TurnOut(BaseModel):

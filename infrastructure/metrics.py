@@ -95,6 +95,14 @@ SHARED_STORAGE_ERRORS = Counter(
     "Failed operations on shared storage (Redis): sessions, the shared embedding cache, rate-limit counting.",
     ["component"],
 )
+ANSWER_FEEDBACK = Counter("answer_feedback_total", "Ratings of answers by users, by rating.", ["rating"])
+QUESTION_LOG_WRITTEN = Counter("question_log_written_total", "Question-log rows written to the database.")
+QUESTION_LOG_DROPPED = Counter(
+    "question_log_dropped_total", "Question-log rows lost: the queue was full or the database refused them."
+)
+QUESTION_LOG_PENDING = Gauge(
+    "question_log_pending", "Question-log rows waiting to be written.", multiprocess_mode="livesum"
+)
 EVENT_LOOP_LAG = Gauge(
     "event_loop_lag_seconds",
     "How late the event loop woke from its last monitoring sleep (worst worker).",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import structlog
@@ -32,8 +33,13 @@ def error_response(
     return JSONResponse(error_body(status, detail, reason), status_code=status, headers=headers)
 
 
-def _describe_validation(error: RequestValidationError) -> tuple[str, str]:
-    first = error.errors()[0]
+# Fields whose bad values get their own reason (`rating_invalid`, `comment_too_long`, ...).
+_FIELDS_WITH_REASONS = frozenset({"answer_id", "rating", "comment"})
+
+
+def describe_validation(errors: Sequence[Any]) -> tuple[str, str]:
+    """The sentence and stable reason for the first of pydantic's validation errors."""
+    first = errors[0]
     kind = str(first.get("type", ""))
     location = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path")]
     field = ".".join(location)
@@ -46,12 +52,14 @@ def _describe_validation(error: RequestValidationError) -> tuple[str, str]:
     if kind == "string_type":
         return f"{field} must be a string", f"{field}_not_string" if field == "question" else "invalid_type"
     message = str(first.get("msg", "invalid value"))
+    if field in _FIELDS_WITH_REASONS:
+        return f"{field}: {message}", f"{field}_too_long" if kind == "string_too_long" else f"{field}_invalid"
     return (f"{field}: {message}" if field else message), "invalid_request"
 
 
 async def _validation_handler(request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, RequestValidationError)
-    detail, code = _describe_validation(error)
+    detail, code = describe_validation(error.errors())
     return error_response(422, detail, code)
 
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install the Debian packages the test suite drives for real, when they are missing:
 # redis-server (shared state tests), chromium + chromium-driver (browser tests) and prometheus (its promtool
-# lints the /metrics output), and wrk (the benchmark's load generator for plain HTTP).
+# lints the /metrics output), wrk (the benchmark's load generator for plain HTTP) and postgresql (its initdb and
+# postgres binaries start the tests' throw-away clusters, tests/postgres_server.py).
 set -euo pipefail
 
 missing=()
@@ -10,6 +11,7 @@ command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 command -v wrk >/dev/null 2>&1 || missing+=(wrk)
+compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || missing+=(postgresql)
 
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0

@@ -140,3 +140,33 @@ def openai_stack(
     fake_openai.reset()
     server = start_server(**openai_env(fake_openai, cache_dir))
     return OpenAIStack(server, fake_openai, fake_openai.stats(), cache_dir)
+
+
+# --- PostgreSQL (tests/postgres_server.py): 127.0.0.1:5432 when it answers, else a cluster of our own ---------
+
+from tests.postgres_server import PostgresCluster, PostgresServer, session_server, unique_database_name  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """The session's PostgreSQL server: the machine's on 5432, or one private cluster started for the session."""
+    with session_server() as server:
+        yield server
+
+
+@pytest.fixture()
+def postgres_url(postgres_server: PostgresServer) -> Iterator[str]:
+    """A `postgresql+asyncpg://` URL to a fresh, uniquely named database, force-dropped after the test."""
+    name = unique_database_name()
+    postgres_server.create_database(name)
+    yield postgres_server.url(name)
+    postgres_server.drop_database(name)
+
+
+@pytest.fixture()
+def postgres_cluster(request: pytest.FixtureRequest) -> PostgresCluster:
+    """A started private `PostgresCluster` the test may `stop()` and `start()`; removed after the test, pass or fail."""
+    cluster = PostgresCluster()
+    request.addfinalizer(cluster.cleanup)
+    cluster.start()
+    return cluster

@@ -24,6 +24,8 @@ ELSEWHERE = {
     "session_store_unavailable": ("tests/test_redis_scaleout.py", "test_redis_outage_and_recovery_without_restart"),
     "internal_error": ("tests/test_readiness_and_errors.py", "test_unexpected_error_is_500_with_request_id"),
     "connection_limit": ("tests/test_connection_limits.py", "test_busy_server_still_answers_health_and_sheds"),
+    "feedback_disabled": ("tests/test_feedback.py", "test_feedback_refused_when_the_question_log_is_off"),
+    "database_unavailable": ("tests/test_database_outage.py", "test_database_outage_keeps_answering_and_recovers"),
 }
 
 
@@ -75,6 +77,7 @@ def produce(server: ServerProcess, reason: str) -> tuple[int, dict[str, object]]
     """Make the server answer with `reason`; the status and the body."""
     base, port = server.base_url, server.port
     post = {"url": f"{base}/v2/ask", "timeout": 30}
+    feedback = {"url": f"{base}/v2/feedback", "timeout": 30}
     calls: dict[str, Callable[[], httpx.Response]] = {
         "invalid_host": lambda: httpx.get(f"{base}/metrics", headers={"Host": "evil.example"}),
         "unauthorized": lambda: httpx.get(f"{base}/performance-stats"),
@@ -91,6 +94,12 @@ def produce(server: ServerProcess, reason: str) -> tuple[int, dict[str, object]]
         "invalid_body": lambda: httpx.post(**post, json=[1]),
         "invalid_type": lambda: httpx.post(**post, json={"question": "hi", "session_id": 7}),
         "invalid_request": lambda: httpx.post(**post, json={"question": "hi", "session_id": "bad id!"}),
+        "answer_not_found": lambda: httpx.post(**feedback, json={"answer_id": "0" * 32, "rating": "helpful"}),
+        "answer_id_invalid": lambda: httpx.post(**feedback, json={"answer_id": "no such id", "rating": "helpful"}),
+        "rating_invalid": lambda: httpx.post(**feedback, json={"answer_id": "0" * 32, "rating": "meh"}),
+        "comment_too_long": lambda: httpx.post(
+            **feedback, json={"answer_id": "0" * 32, "rating": "wrong", "comment": "x" * 1001}
+        ),
     }
     if reason in calls:
         response = calls[reason]()

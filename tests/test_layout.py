@@ -21,6 +21,9 @@ SERVICES = {
     "AnswerCache",
     "LiveKnowledge",
     "QuestionRateLimiter",
+    "Database",
+    "QuestionLog",
+    "FeedbackStore",
 }
 ALLOWED_BUILDERS = {"main", "bootstrap"}
 

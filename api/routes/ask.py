@@ -33,6 +33,8 @@ def _to_response(result: AgentResult) -> AskResponse:
             "session_id": result.session_id,
             "sources": result.sources,
             "unknown_terms": list(result.unknown_terms),
+            "answer_id": result.answer_id,
+            "kb_version": result.kb_version,
         }
     )
 

@@ -9,6 +9,7 @@ from fastapi import APIRouter, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import SecretStr
 from redis.asyncio import Redis
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.datastructures import State
 
 from api.deps import KnowledgeDep, MetricsAuth, MonitoringDep, _bearer_token, _check_token
@@ -20,9 +21,11 @@ from api.monitoring import (
     public_report,
 )
 from api.schemas import HealthResponse
+from infrastructure.database import Database
 from infrastructure.metrics import exposition
 from infrastructure.rate_limit import QuestionRateLimiter
 from infrastructure.redis_client import redis_problem
+from services.question_log import QuestionLog, describe
 from services.sessions import MemorySessionStore, SessionStore
 
 router = APIRouter(tags=["operations"])
@@ -51,8 +54,12 @@ async def health_status(request: Request, monitoring: MonitoringDep) -> JSONResp
     state = request.app.state
     parts = _serving_parts(state)
     configured = _redis_configured(state)
-    problem, sessions = await asyncio.gather(_redis_status(state, monitoring, configured), _sessions(state, monitoring))
-    report = health_report(parts, monitoring, problem, redis_configured=configured, active_sessions=sessions)
+    problem, sessions, database = await asyncio.gather(
+        _redis_status(state, monitoring, configured), _sessions(state, monitoring), _database_status(state, monitoring)
+    )
+    report = health_report(
+        parts, monitoring, problem, redis_configured=configured, active_sessions=sessions, database=database
+    )
     body = report if details_allowed(request) else public_report(report)
     return JSONResponse(body, status_code=503 if report["status"] == "unhealthy" else 200, headers=_NO_STORE)
 
@@ -103,6 +110,29 @@ async def _redis_problem(state: State) -> str | None:
     limiter: QuestionRateLimiter = state.rate_limiter
     reachable = await asyncio.to_thread(limiter.storage_reachable)
     return None if reachable else "rate-limit storage does not answer"
+
+
+async def _database_status(state: State, monitoring: Monitoring) -> tuple[str, str | None] | None:
+    """(dialect, problem) of the database: the question log's write failure, else a bounded ping; None without one."""
+    database: Database | None = getattr(state, "database", None)
+    if database is None:
+        return None
+    log: QuestionLog | None = getattr(state, "question_log", None)
+    if log is not None and (problem := log.problem()) is not None:
+        return database.dialect, problem
+    check = monitoring.database_check
+    problem = await check.result(
+        partial(_database_problem, database), fallback=f"database: no answer within {check.timeout:g} s"
+    )
+    return database.dialect, problem
+
+
+async def _database_problem(database: Database) -> str | None:
+    try:
+        await database.ping()
+    except (SQLAlchemyError, OSError) as error:
+        return f"database unreachable ({describe(error)})"
+    return None
 
 
 async def _sessions(state: State, monitoring: Monitoring) -> int | None:

@@ -40,11 +40,13 @@ _STREAM_DOC: dict[int | str, dict[str, Any]] = {
 
 
 async def _stateless_question(body: AskRequest, agent: AgentDep) -> Question:
-    return await agent.accept(body.question)
+    return await agent.accept(body.question, transport="sse")
 
 
 async def _session_question(body: SessionAskRequest, agent: AgentDep, request: Request, response: Response) -> Question:
-    return await accept_question(agent, request, response, body.question, body.session_id, new_session=True)
+    return await accept_question(
+        agent, request, response, body.question, body.session_id, new_session=True, transport="sse"
+    )
 
 
 async def _query_question(
@@ -56,7 +58,7 @@ async def _query_question(
         str | None, Query(pattern=r"^[A-Za-z0-9_-]{1,128}$", description="Continue this session.")
     ] = None,
 ) -> Question:
-    return await accept_question(agent, request, response, question, session_id, new_session=False)
+    return await accept_question(agent, request, response, question, session_id, new_session=False, transport="sse")
 
 
 QuestionFrom = Callable[..., Awaitable[Question]]

@@ -16,16 +16,21 @@ from urllib.parse import urlsplit
 
 import structlog
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+from pydantic import ValidationError
 from starlette.websockets import WebSocketState
 
 from agents.agent import DeFiAgent, Question
 from agents.events import CompleteEvent, ErrorEvent, MetadataEvent, WordEvent
 from agents.validation import InvalidQuestionError
 from api.deps import client_key, spend_budget
+from api.routes.feedback import FeedbackRefusedError, submit_feedback
+from api.schemas import FeedbackRequest
 from config import Settings
 from infrastructure.logging import session_tag
 from infrastructure.metrics import STREAMS_CANCELLED, WEBSOCKET_CONNECTIONS, WEBSOCKET_MESSAGES
 from infrastructure.rate_limit import RateLimitExceededError, from_trusted_proxy
+from middleware.errors import describe_validation
+from services.feedback import FeedbackStore
 from services.sessions import Session, SessionStore, SessionStoreUnavailableError, new_session_id
 from services.sources import Source
 
@@ -35,7 +40,7 @@ router = APIRouter()
 PROTOCOL_VERSION = "1.0"
 REFERENCE_PREFIX = "\n\n📚 **Reference**: "
 POLICY_VIOLATION = 1008
-_CLIENT_TYPES = frozenset({"question", "cancel", "ping", "heartbeat_response"})
+_CLIENT_TYPES = frozenset({"question", "cancel", "ping", "heartbeat_response", "feedback"})
 
 
 class _PolicyViolationError(Exception):
@@ -50,11 +55,19 @@ class ChatConnection:
     deleted: the next question starts a new session, whose id its `metadata` carries.
     """
 
-    def __init__(self, websocket: WebSocket, agent: DeFiAgent, sessions: SessionStore, settings: Settings) -> None:
+    def __init__(
+        self,
+        websocket: WebSocket,
+        agent: DeFiAgent,
+        sessions: SessionStore,
+        settings: Settings,
+        feedback: FeedbackStore | None = None,
+    ) -> None:
         self.websocket = websocket
         self.agent = agent
         self.sessions = sessions
         self.settings = settings
+        self.feedback = feedback
         self.client = client_key(websocket)
         self.session_id = new_session_id()
         self.session: Session | None = None
@@ -168,16 +181,22 @@ class ChatConnection:
             await self.send({"type": "pong"})
         elif kind == "heartbeat_response":
             return
+        elif kind == "feedback":
+            await self._record_feedback(payload)
         else:
             await self.send_error(
-                "Unknown message type; expected question, cancel, ping or heartbeat_response", "unknown_type", 400
+                "Unknown message type; expected question, cancel, ping, heartbeat_response or feedback",
+                "unknown_type",
+                400,
             )
 
     async def _enqueue_question(self, payload: dict[str, Any]) -> None:
         data = payload.get("data")
         raw = data.get("question") if isinstance(data, dict) else payload.get("question")
         try:
-            question = await self.agent.accept(raw)  # validation only: the session is resolved when it is answered
+            question = await self.agent.accept(
+                raw, transport="websocket"
+            )  # validation only: the session is resolved when it is answered
         except InvalidQuestionError as error:
             await self.send_error(error.detail, error.code, 422)
             return
@@ -194,6 +213,29 @@ class ChatConnection:
             await self.send_error(error.detail, "rate_limited", 429)
             return
         self.questions.put_nowait((question.text, isinstance(data, dict)))
+
+    async def _record_feedback(self, payload: dict[str, Any]) -> None:
+        """A rating of an answer given on this connection (or any other): `feedback_recorded`, or an `error`."""
+        fields = {key: payload[key] for key in ("answer_id", "rating", "comment") if key in payload}
+        try:
+            request = FeedbackRequest.model_validate({**fields, "session_id": self.session_id})
+        except ValidationError as error:
+            detail, reason = describe_validation(error.errors())
+            await self.send_error(detail, reason, 422)
+            return
+        if self.feedback is None:
+            await self.send_error("Feedback is not available on this server", "feedback_disabled", 409)
+            return
+        try:
+            await spend_budget(self.websocket, "/ws/ask")
+            recorded = await submit_feedback(self.feedback, request)
+        except RateLimitExceededError as error:
+            await self.send_error(error.detail, "rate_limited", 429)
+            return
+        except FeedbackRefusedError as refused:
+            await self.send_error(refused.detail, refused.reason, refused.status)
+            return
+        await self.send({"type": "feedback_recorded", "answer_id": recorded.answer_id, "rating": recorded.rating})
 
     async def _cancel_current(self) -> None:
         task = self.current_answer
@@ -221,7 +263,12 @@ class ChatConnection:
         """The question inside this connection's session (created with the first question); None if refused."""
         try:
             question = await self.agent.accept(
-                text, self.session_id, new_session=True, owner=self.client, adopt_id=self.session is None
+                text,
+                self.session_id,
+                new_session=True,
+                owner=self.client,
+                adopt_id=self.session is None,
+                transport="websocket",
             )
         except SessionStoreUnavailableError as error:
             await self.send_error(str(error), "session_store_unavailable", 503)
@@ -342,7 +389,7 @@ async def websocket_ask(websocket: WebSocket) -> None:
         return
     await websocket.accept()
     WEBSOCKET_CONNECTIONS.inc()
-    connection = ChatConnection(websocket, agent, sessions, settings)
+    connection = ChatConnection(websocket, agent, sessions, settings, getattr(websocket.app.state, "feedback", None))
     structlog.contextvars.bind_contextvars(session=session_tag(connection.session_id))
     try:
         await connection.run()
