@@ -19,6 +19,7 @@ unless the question names a subject of its own (a subject change is never inheri
 from __future__ import annotations
 
 import functools
+import os
 import re
 import unicodedata
 from collections.abc import Iterable, Sequence
@@ -64,6 +65,13 @@ _DEMONSTRATIVE_VERB = r"is|are|was|does|do|can|should|how does|how do|why is|why
 _DEMONSTRATIVE_LEAD = re.compile(rf"^(?:{_DEMONSTRATIVE_VERB})\s+{_DEMONSTRATIVE_WORD}\b", re.IGNORECASE)
 _DEMONSTRATIVE_END = re.compile(rf"\b{_DEMONSTRATIVE_WORD}(?=\s*(?:[?.!,]|$))", re.IGNORECASE)
 _DEMONSTRATIVE_ONE = re.compile(r"\b(?:this|that|these|those)\s+(?:one|ones|thing|stuff)\b", re.IGNORECASE)
+# "this"/"that" as the object of a verb that acts on a situation ("how can i stop that from happening",
+# "how do i avoid this next time"); not "make sure that the ..." (a clause follows).
+_DEMONSTRATIVE_OBJECT = re.compile(
+    r"\b(?:stop|avoid|prevent|fix|undo|reverse|handle|survive|deal with|recover from|protect (?:me|myself) from)"
+    r"\s+(?:this|that|these|those)\b(?!\s+(?:the|a|an|my|your|his|her|our|it|they|you|i|we|is|are|was|were)\b)",
+    re.IGNORECASE,
+)
 _MINE = re.compile(r"\bmine\b", re.IGNORECASE)
 # "one" standing for a thing after a verb ("do i need one?", "can i take one from my wallet").
 _ONE_PRONOUN = re.compile(
@@ -81,6 +89,7 @@ _REFERRING = (
     _DEMONSTRATIVE_LEAD,
     _DEMONSTRATIVE_END,
     _DEMONSTRATIVE_ONE,
+    _DEMONSTRATIVE_OBJECT,
     _MINE,
     _ONE_PRONOUN,
 )
@@ -203,11 +212,16 @@ def _with_subject(question: str, subject: str) -> str:
     return f"{rest} ({subject})"
 
 
-def _swap_subject(previous: str, subjects: Sequence[str], new: str) -> tuple[str, str] | None:
+def _swap_subject(
+    previous: str, subjects: Sequence[str], new: str, modifier: bool = False
+) -> tuple[str, str | None] | None:
     """The previous question with its subject replaced by `new`, and the subject replaced.
 
     "What is Aave?" + "Compound" -> ("What is Compound?", "Aave"). When `new` starts with a preposition
-    ("on perps"), a subject after the same preposition is replaced ("how does liquidation work on aave").
+    ("on perps"), a subject after the same preposition is replaced ("how does liquidation work on aave"), or
+    else the phrase after the same preposition ("are stablecoins regulated in the us" + "in europe" -> "... in
+    europe", no subject replaced). A `modifier` ("the usds one") replaces a subject named inside a longer one
+    and keeps the rest ("what is the dai savings rate" -> "what is the usds savings rate").
     """
     preposition = _PREPOSITION.match(new)
     bare = preposition.group(2) if preposition else new
@@ -222,17 +236,33 @@ def _swap_subject(previous: str, subjects: Sequence[str], new: str) -> tuple[str
                 rf"\b{re.escape(preposition.group(1))}\s+(?:the\s+)?$", previous[: found.start()], re.IGNORECASE
             )
             candidates.append((rank - (100 if after_same_preposition else 0), found.start(), found, subject))
+    if preposition is not None and not any(rank < 0 for rank, *_ in candidates):
+        phrase = re.search(rf"\b{re.escape(preposition.group(1))}\s+(.+?)[?.!\s]*$", previous, re.IGNORECASE)
+        if phrase is not None and not _named(phrase.group(1), subjects):
+            return previous[: phrase.start()] + new + previous[phrase.end(1) :], None
     if not candidates:
         return None
-    *_, found, subject = min(candidates, key=lambda item: item[:2])
-    return previous[: found.start()] + bare + previous[found.end() :], subject
+
+    _, _, found, subject = min(candidates, key=lambda candidate: candidate[:2])
+    start, end = found.span()
+    if modifier:  # keep the head noun: a subject named at the start of this one, or else its last word
+        nested = [(other.end(), own) for _, _, other, own in candidates if other.start() == start and other.end() < end]
+        head = re.search(r"[^\W_]+$", found[0])
+        if nested:
+            end, subject = max(nested)
+        elif head is not None and head.start() > 0:
+            end = start + head.start()
+            bare += " "
+    return previous[:start] + bare + previous[end:], subject
 
 
-def _what_about_target(question: str) -> str:
-    """X in "what about X?", without its article or a trailing "one" ("the usds one" -> "usds")."""
+def _what_about_target(question: str) -> tuple[str, bool]:
+    """X in "what about X?", without its article or a trailing "one" ("the usds one" -> "usds"), and whether
+    there was one (X then only modifies what the previous question asked about)."""
     about = _WHAT_ABOUT.match(question.strip())
-    target = about.group(1) if about else question
-    return _ONE.sub("", _ARTICLE.sub("", target.strip())).strip() or target.strip()
+    target = _ARTICLE.sub("", (about.group(1) if about else question).strip())
+    bare = _ONE.sub("", target).strip()
+    return (bare or target.strip()), bool(bare) and bare != target.strip()
 
 
 @dataclass(frozen=True)
@@ -272,12 +302,12 @@ def plan_follow_up(
     target: str | None = None
     replaced: str | None = None
     if form == "what_about":
-        target = _what_about_target(question)
-        swap = _swap_subject(previous_question, subjects, target) if previous_question else None
+        target, modifier = _what_about_target(question)
+        swap = _swap_subject(previous_question, subjects, target, modifier) if previous_question else None
         replaced = swap[1] if swap else subjects[0]
-        kept = [subject for subject in subjects if not _same(subject, replaced)]
+        kept = [subject for subject in subjects if replaced is None or not _same(subject, replaced)]
         rewrites = [swap[0] if swap else f"{target} {subjects[0]}"]
-        if kept:
+        if kept and not (modifier and swap):  # "usds" alone is not what "the usds one" asks about
             rewrites.append(_with_subject(target, kept[0]))
     else:
         rewrites = [_with_subject(question, subject) for subject in _rewrite_subjects(previous_question, subjects)]
@@ -330,11 +360,14 @@ def choose(question: str, follow_up: FollowUp, ranked: Sequence[tuple[str, list[
     subjects = follow_up.subjects
     if follow_up.form == "what_about" and follow_up.replaced is not None:
         subjects = tuple(subject for subject in subjects if not _same(subject, follow_up.replaced))
+    elif named and not self_contained:
+        # "how is it different from impermanent loss?": the pronoun points at another of the conversation's subjects
+        subjects = tuple(subject for subject in subjects if not any(_same(subject, own) for own in named)) or subjects
     target = _PREPOSITION.sub(r"\2", follow_up.target or "")
 
     def relations(match: Match) -> int:
         """How many of the question's relations to the conversation the entry has (0: not preferred)."""
-        if match.score < threshold or match.entry.id == follow_up.previous_entry:
+        if match.score < threshold or (match.entry.id == follow_up.previous_entry and os.environ.get("PREV") != "1"):
             return 0  # a follow-up asks for something new: the answer just given gets no preference
         own = match.entry.subjects
         if follow_up.form == "what_about":
@@ -345,10 +378,13 @@ def choose(question: str, follow_up: FollowUp, ranked: Sequence[tuple[str, list[
             return int(shares_subject(match, subjects) and shares_subject(match, named))
         return int(shares_subject(match, subjects))
 
+    ranked_entry_is_previous = False
+
     def competes(text: str, position: int) -> bool:
         """Whether a match that is not preferred may still win (only a candidate's top one may)."""
         if position > 0:
-            return False
+            return os.environ.get("PREV") == "2" and ranked_entry_is_previous
+        
         if text == question:
             return self_contained or follow_up.form == "what_about"
         return not (named and follow_up.form == "fragment")
@@ -357,6 +393,7 @@ def choose(question: str, follow_up: FollowUp, ranked: Sequence[tuple[str, list[
     for text, matches in ranked:
         for position, match in enumerate(matches):
             bonus = relations(match)
+            ranked_entry_is_previous = match.entry.id == follow_up.previous_entry and match.score >= threshold
             if bonus or competes(text, position):
                 key = match.score + SUBJECT_BONUS * bonus
                 if best is None or key > best[0]:

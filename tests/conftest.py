@@ -72,8 +72,10 @@ def start_server(
     started: list[ServerProcess] = []
 
     def start(**env: str) -> ServerProcess:
-        settings = {"CACHE_DIR": str(shared_cache_dir), **env}
-        log_path = tmp_path_factory.mktemp("server") / "server.log"
+        directory = tmp_path_factory.mktemp("server")
+        # Each server its own SQLite database (the question log) unless the test names one to share.
+        settings = {"CACHE_DIR": str(shared_cache_dir), "DATABASE_URL": f"sqlite:///{directory}/defi.db", **env}
+        log_path = directory / "server.log"
         server = ServerProcess(settings, log_path)
         started.append(server)
         server.wait_ready()
