@@ -225,8 +225,10 @@ def test_repeated_question_is_answered_from_the_answer_cache(server: ServerProce
     second = ask(server, question)
     after = scrape(server)
     assert second.status_code == 200
-    assert second.json() == first.json()
-    assert first.json()["sources"][0]["id"] == "what-are-flash-loans"
+    first_body, second_body = first.json(), second.json()
+    assert first_body.pop("answer_id") != second_body.pop("answer_id")  # a cached answer is still a new answer
+    assert second_body == first_body
+    assert first_body["sources"][0]["id"] == "what-are-flash-loans"
 
     def answer_cache(old: Samples, new: Samples, result: str) -> float:
         return value(new, "answer_cache_requests_total", result=result) - value(
@@ -337,7 +339,7 @@ def test_health_status_shape(client: httpx.Client) -> None:
     body = response.json()
     assert body["status"] == "healthy"
     # The original's shape: each component a plain status string, the details beside them.
-    assert body["components"] == dict.fromkeys(("agent", "embeddings", "cache", "dataset"), "healthy")
+    assert body["components"] == dict.fromkeys(("agent", "embeddings", "cache", "dataset", "database"), "healthy")
     assert set(body["component_details"]) == set(body["components"])
     for name, entry in body["component_details"].items():
         assert entry["status"] == "healthy", name
@@ -708,7 +710,13 @@ def test_dashboard_in_a_real_browser(browser: Browser, ops_server: ServerProcess
     )
     assert first["problem"] is None, first["problem"]  # every fetch carried the token and succeeded
     assert first["status"] == "healthy"
-    assert set(first["components"]) == {"agent:healthy", "embeddings:healthy", "cache:healthy", "dataset:healthy"}
+    assert set(first["components"]) == {
+        "agent:healthy",
+        "embeddings:healthy",
+        "cache:healthy",
+        "dataset:healthy",
+        "database:healthy",
+    }
     assert first["rss"].endswith("MiB")
 
     for question in ANSWERABLE[:2]:

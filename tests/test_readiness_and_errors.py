@@ -132,7 +132,7 @@ def test_health_details_need_the_admin_token(redis_app: ServerProcess, redis_ser
         assert response.status_code == 200, response.text  # a probe without (or with a bad) token still works
         body = response.json()
         assert_public(body)
-        assert set(body["components"]) == {"agent", "embeddings", "cache", "dataset", "redis"}
+        assert set(body["components"]) == {"agent", "embeddings", "cache", "dataset", "redis", "database"}
         assert str(redis_server.port) not in response.text
         assert response.headers["cache-control"] == "no-store"
     full = httpx.get(url, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=10).json()

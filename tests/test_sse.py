@@ -26,7 +26,7 @@ EXPECTED_HEADERS = {
 }
 METADATA_KEYS = {"type", "session_id", "total_words", "confidence", "sources"}
 WORD_KEYS = {"type", "content", "index", "confidence"}
-COMPLETE_KEYS = {"type", "final_confidence", "processing_stage", "total_words"}
+COMPLETE_KEYS = {"type", "final_confidence", "processing_stage", "total_words", "answer_id", "kb_version"}
 ERROR_KEYS = {"detail", "type", "code", "reason"}
 SESSION_ID = re.compile(r"^[0-9a-f]{32}$")
 ON_TOPIC = [

@@ -28,7 +28,8 @@ Event = dict[str, Any]
 STATUS_KEYS = {"type", "status", "details", "timestamp"}
 METADATA_KEYS = {"type", "session_id", "total_words", "confidence", "sources", "timestamp"}
 WORD_KEYS = {"type", "content", "index", "confidence", "timestamp"}
-COMPLETE_KEYS = {"type", "final_confidence", "processing_stage", "total_words", "timestamp"}
+CANCELLED_KEYS = {"type", "final_confidence", "processing_stage", "total_words", "timestamp"}
+COMPLETE_KEYS = CANCELLED_KEYS | {"answer_id", "kb_version"}  # a cancelled answer has no id to rate
 ERROR_KEYS = {"type", "message", "error", "code", "reason", "timestamp"}
 SESSION_ID = re.compile(r"^[0-9a-f]{32}$")
 POLICY_VIOLATION = 1008
@@ -370,7 +371,7 @@ async def test_cancel_mid_stream(slow_server: ServerProcess) -> None:
             complete = rest[-1]
             assert all(word["type"] == "word" for word in words)
             assert [word["index"] for word in words] == list(range(len(words)))
-            assert set(complete) == COMPLETE_KEYS
+            assert set(complete) == CANCELLED_KEYS
             assert complete["processing_stage"] == "cancelled"
             assert complete["total_words"] == len(words) < metadata["total_words"]
             assert complete["final_confidence"] == metadata["confidence"]
