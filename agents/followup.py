@@ -8,7 +8,9 @@ answered entry's main subject, then the subjects the question named). The next q
 - `pronoun` ("what are its risks?", "can i earn there?", "do i need one?") and `fragment` (a short question
   or an "and ..." ellipsis: "risks?", "and v3?", "how are the rates set?"): also ranked with the subject
   after it ("what are its risks? (Aave)");
-- `what_about` ("what about Compound?"): also ranked as the previous question with its subject swapped;
+- `what_about` ("what about Compound?", "what about in europe?", "the usds one?"): also ranked as the previous
+  question with its subject (or the phrase after the same preposition, or the subject's modifier) swapped, and,
+  when X is no subject of the knowledge base ("what about the risks?"), as that side of the conversation's subject;
 - `standalone` (a longer question with no pronoun): asked as it is.
 
 `plan_follow_up` lists those rewrites (each costs one embedding and one ranking); `choose` keeps the
@@ -19,7 +21,6 @@ unless the question names a subject of its own (a subject change is never inheri
 from __future__ import annotations
 
 import functools
-import os
 import re
 import unicodedata
 from collections.abc import Iterable, Sequence
@@ -65,11 +66,13 @@ _DEMONSTRATIVE_VERB = r"is|are|was|does|do|can|should|how does|how do|why is|why
 _DEMONSTRATIVE_LEAD = re.compile(rf"^(?:{_DEMONSTRATIVE_VERB})\s+{_DEMONSTRATIVE_WORD}\b", re.IGNORECASE)
 _DEMONSTRATIVE_END = re.compile(rf"\b{_DEMONSTRATIVE_WORD}(?=\s*(?:[?.!,]|$))", re.IGNORECASE)
 _DEMONSTRATIVE_ONE = re.compile(r"\b(?:this|that|these|those)\s+(?:one|ones|thing|stuff)\b", re.IGNORECASE)
-# "this"/"that" as the object of a verb that acts on a situation ("how can i stop that from happening",
-# "how do i avoid this next time"); not "make sure that the ..." (a clause follows).
+# "this"/"that" as an object ("how can i stop that from happening", "how do i spot this in practice", "what if
+# that happens"), not as a conjunction ("so that in ...", "make sure that the ...").
 _DEMONSTRATIVE_OBJECT = re.compile(
-    r"\b(?:stop|avoid|prevent|fix|undo|reverse|handle|survive|deal with|recover from|protect (?:me|myself) from)"
-    r"\s+(?:this|that|these|those)\b(?!\s+(?:the|a|an|my|your|his|her|our|it|they|you|i|we|is|are|was|were)\b)",
+    r"(?<!\bso )(?<!\bsuch )(?<!\bnow )(?<!\bgiven )(?<!\bexcept )"
+    r"\b(?:this|that)\s+(?:in|on|at|for|with|to|from|again|instead|too|happens?|happened|occurs?)\b"
+    r"|\b(?:stop|avoid|prevent|fix|undo|reverse|handle|survive|deal with|recover from)\s+(?:this|that)\b"
+    r"(?!\s+(?:the|a|an|my|your|his|her|our|it|they|you|i|we|is|are|was|were)\b)",
     re.IGNORECASE,
 )
 _MINE = re.compile(r"\bmine\b", re.IGNORECASE)
@@ -95,14 +98,19 @@ _REFERRING = (
 )
 
 
+def _referring(text: str) -> bool:
+    return any(pattern.search(text) for pattern in _REFERRING)
+
+
 def classify(question: str) -> Form:
     """How `question` relates to the previous turn (see the module docstring)."""
     text = question.strip()
     if _NEW_TOPIC.match(text):
         return "new_topic"
-    if _WHAT_ABOUT.match(text):
-        return "what_about"
-    if any(pattern.search(text) for pattern in _REFERRING):
+    referring = _referring(text)
+    if (about := _WHAT_ABOUT.match(text)) and not (referring and _referring(about.group(1))):
+        return "what_about"  # but "what about its fees?" asks about the conversation's subject
+    if referring:
         return "pronoun"
     rest = _LEAD_IN.sub("", text)
     if rest != text or len(rest.split()) <= FRAGMENT_MAX_WORDS:
@@ -192,6 +200,13 @@ def conversation_subjects(text: str, matches: Sequence[Match], threshold: float)
     return _unique([*top.subjects[:1], *own, *others, *top.subjects])[:MAX_SUBJECTS]
 
 
+def _subject_like(text: str, vocabulary: Sequence[str]) -> bool:
+    """Whether `text` names a subject of the knowledge base, or the start of one ("burn and mint" of
+    "burn-and-mint bridge"); "the risks" or "fees" name none."""
+    words = _words(text)
+    return bool(_named(text, vocabulary)) or any(_words(subject).startswith(f"{words} ") for subject in vocabulary)
+
+
 def _referent_inside(question: str, named: Sequence[str]) -> bool:
     """Whether the question names a subject before its first pronoun ("what is a rug pull and how do I spot
     it?"): the pronoun may then point at it. A pronoun before any subject points back at the conversation."""
@@ -269,8 +284,9 @@ def _what_about_target(question: str) -> tuple[str, bool]:
 class FollowUp:
     """How a question relates to the conversation: its form, the subjects before it and the rewrites to rank.
 
-    A `what_about` question asks about `target` instead of the subject `replaced`. `previous_entry` is the
-    entry the previous turn answered with.
+    A `what_about` question asks about `target` instead of the subject `replaced` (None: a phrase that is no
+    subject was replaced), or, when `target` is no subject ("the risks"), about that side of the conversation's
+    subject: the rewrite `aspect`. `previous_entry` is the entry the previous turn answered with.
     """
 
     form: Form
@@ -279,6 +295,7 @@ class FollowUp:
     target: str | None = None
     replaced: str | None = None
     previous_entry: str | None = None
+    aspect: str | None = None
 
 
 def _rewrite_subjects(previous_question: str | None, subjects: tuple[str, ...]) -> tuple[str, ...]:
@@ -301,6 +318,7 @@ def plan_follow_up(
         return FollowUp(form, subjects, previous_entry=previous_entry)
     target: str | None = None
     replaced: str | None = None
+    aspect: str | None = None
     if form == "what_about":
         target, modifier = _what_about_target(question)
         swap = _swap_subject(previous_question, subjects, target, modifier) if previous_question else None
@@ -309,10 +327,13 @@ def plan_follow_up(
         rewrites = [swap[0] if swap else f"{target} {subjects[0]}"]
         if kept and not (modifier and swap):  # "usds" alone is not what "the usds one" asks about
             rewrites.append(_with_subject(target, kept[0]))
+        if not modifier:  # "what about the risks?" may ask about another side of the same subject
+            aspect = _with_subject(target, subjects[0])
+            rewrites.append(aspect)
     else:
         rewrites = [_with_subject(question, subject) for subject in _rewrite_subjects(previous_question, subjects)]
     unique = [text for text in dict.fromkeys(rewrites) if text.strip() and text != question]
-    return FollowUp(form, subjects, tuple(unique), target, replaced, previous_entry)
+    return FollowUp(form, subjects, tuple(unique), target, replaced, previous_entry, aspect)
 
 
 # --- choosing among the ranked candidates --------------------------------------------------------------------
@@ -348,8 +369,12 @@ def choose(question: str, follow_up: FollowUp, ranked: Sequence[tuple[str, list[
       rewrites compete only through those: a new subject is not inherited. A question without a subject of
       its own (or whose pronoun comes before the subject it names) is about the conversation's, so as asked
       it competes only through preferred entries.
+      A pronoun before a conversation subject the question names points at another one ("how is it different
+      from impermanent loss?"): entries about the named one get no preference.
     - what_about: an entry with the new subject as one of its subjects, and (a second relation) an entry
-      about a subject the question keeps but not mainly about the one it moves away from.
+      about a subject the question keeps but not mainly about the one it moves away from. When the target is no
+      subject of the knowledge base, the `aspect` rewrite competes too, preferring entries about the
+      conversation's subjects; otherwise it is left out.
     """
     if follow_up.form in {"new_topic", "standalone"} or not follow_up.subjects:
         return best_scoring(ranked)
@@ -364,12 +389,18 @@ def choose(question: str, follow_up: FollowUp, ranked: Sequence[tuple[str, list[
         # "how is it different from impermanent loss?": the pronoun points at another of the conversation's subjects
         subjects = tuple(subject for subject in subjects if not any(_same(subject, own) for own in named)) or subjects
     target = _PREPOSITION.sub(r"\2", follow_up.target or "")
+    vocabulary = next((match.entry.vocabulary for _, matches in ranked for match in matches), ())
+    # "what about the risks?" reads as a side of the conversation's subject; "what about compound?" does not
+    aspect = follow_up.aspect if follow_up.aspect and not _subject_like(target, vocabulary) else None
+    skipped = {follow_up.aspect} - {aspect} - set(follow_up.rewrites[:-1])
 
-    def relations(match: Match) -> int:
+    def relations(match: Match, text: str = "") -> int:
         """How many of the question's relations to the conversation the entry has (0: not preferred)."""
-        if match.score < threshold or (match.entry.id == follow_up.previous_entry and os.environ.get("PREV") != "1"):
+        if match.score < threshold or match.entry.id == follow_up.previous_entry:
             return 0  # a follow-up asks for something new: the answer just given gets no preference
         own = match.entry.subjects
+        if aspect is not None and text == aspect:
+            return int(shares_subject(match, follow_up.subjects))
         if follow_up.form == "what_about":
             about_target = any(mentions(target, subject) and mentions(subject, target) for subject in own)
             mainly_replaced = bool(own) and _same(own[0], follow_up.replaced or "")
@@ -378,22 +409,20 @@ def choose(question: str, follow_up: FollowUp, ranked: Sequence[tuple[str, list[
             return int(shares_subject(match, subjects) and shares_subject(match, named))
         return int(shares_subject(match, subjects))
 
-    ranked_entry_is_previous = False
-
     def competes(text: str, position: int) -> bool:
         """Whether a match that is not preferred may still win (only a candidate's top one may)."""
         if position > 0:
-            return os.environ.get("PREV") == "2" and ranked_entry_is_previous
-        
+            return False
         if text == question:
             return self_contained or follow_up.form == "what_about"
         return not (named and follow_up.form == "fragment")
 
     best: tuple[float, str, list[Match], int] | None = None
     for text, matches in ranked:
+        if text in skipped:
+            continue
         for position, match in enumerate(matches):
-            bonus = relations(match)
-            ranked_entry_is_previous = match.entry.id == follow_up.previous_entry and match.score >= threshold
+            bonus = relations(match, text)
             if bonus or competes(text, position):
                 key = match.score + SUBJECT_BONUS * bonus
                 if best is None or key > best[0]:
@@ -402,7 +431,7 @@ def choose(question: str, follow_up: FollowUp, ranked: Sequence[tuple[str, list[
         return best_scoring(ranked)
     _, text, matches, position = best
     chosen = [matches[position], *matches[:position], *matches[position + 1 :]]
-    if text == question and relations(chosen[0]) and not self_contained:
+    if text == question and relations(chosen[0], text) and not self_contained:
         # answered about the conversation's subject: the resolved question says so
         own = chosen[0].entry.subjects
         text = next((rewrite for rewrite in follow_up.rewrites if any(mentions(rewrite, s) for s in own)), text)

@@ -414,6 +414,11 @@ KnowledgeBase(
         ("new topic: how do rollups post their data?", "new_topic"),
         ("ok unrelated question, what is a rug pull", "new_topic"),
         ("how do i check whether a token contract was verified on etherscan before buying", "standalone"),
+        ("how can i stop that from happening to me next time", "pronoun"),
+        ("can you give me an example of how to spot this in practice", "pronoun"),
+        ("what should i do if that happens while i am asleep at night", "pronoun"),
+        ("what about its fees?", "pronoun"),
+        ("what are the steps i should take so that in the end my funds stay safe", "standalone"),
     ],
 )
 def test_classify(question: str, form: str) -> None:
@@ -454,7 +459,12 @@ def test_conversation_subjects_keep_the_main_subject_then_what_the_question_name
         ),
         ("what is a rollup", "and which kinds are there?", ("rollup", "layer 2"), ("which kinds are there? (rollup)",)),
         ("x", "v4?", ("Uniswap",), ("v4? (Uniswap)",)),
-        ("can u explain what aave does", "what about compound", ("Aave",), ("can u explain what compound does",)),
+        (
+            "can u explain what aave does",
+            "what about compound",
+            ("Aave",),
+            ("can u explain what compound does", "compound (Aave)"),
+        ),
         (
             "how does liquidation work on aave",
             "what about on perps",
@@ -465,7 +475,22 @@ def test_conversation_subjects_keep_the_main_subject_then_what_the_question_name
             "what is emode on aave",
             "what about isolation mode?",
             ("e-mode", "Aave"),
-            ("what is isolation mode on aave", "isolation mode (Aave)"),
+            ("what is isolation mode on aave", "isolation mode (Aave)", "isolation mode (e-mode)"),
+        ),
+        # a phrase after the same preposition is replaced even when it is no subject
+        (
+            "are stablecoins regulated in the us",
+            "what about in europe",
+            ("stablecoin regulation", "stablecoin"),
+            ("are stablecoins regulated in europe", "in europe (stablecoin regulation)"),
+        ),
+        # "the usds one": usds replaces what modifies the head noun, which stays
+        ("what is the dai savings rate", "what about the usds one", ("DSR", "DAI"), ("what is the usds savings rate",)),
+        (
+            "how do fiat backed stablecoins work",
+            "what about the algorithmic ones",
+            ("fiat-backed stablecoin", "stablecoin"),
+            ("how do algorithmic stablecoins work",),
         ),
         ("x", "how is the weather in paris today and tomorrow for the weekend", ("Aave",), ()),
         ("x", "new topic: what is a rug pull", ("Aave",), ()),
@@ -523,6 +548,36 @@ def test_what_about_prefers_the_new_subject_and_what_it_keeps() -> None:
     moved = plan_follow_up("what about compound?", "What is Aave?", ("Aave",), "what-is-aave")
     ranked = [("What is compound?", [Match(COMPOUND, 0.8)]), ("what about compound?", [Match(AAVE, 0.7)])]
     assert choose("what about compound?", moved, ranked, 0.4).matches[0].entry.id == "what-is-compound"
+
+
+def test_what_about_an_aspect_asks_about_the_same_subject() -> None:
+    plan = plan_follow_up("what about the risks?", "What is Aave?", ("Aave",), "what-is-aave")
+    assert plan.aspect == "risks (Aave)" and plan.aspect in plan.rewrites
+    ranked = [
+        ("What is risks?", [Match(DEFI_RISKS, 0.6)]),
+        ("risks (Aave)", [Match(AAVE_RISKS, 0.8), Match(DEFI_RISKS, 0.7)]),
+        ("what about the risks?", [Match(DEFI_RISKS, 0.62)]),
+    ]
+    assert choose("what about the risks?", plan, ranked, 0.4).matches[0].entry.id == "aave-risks"
+    # a target that is a subject of the knowledge base is no aspect: "compound (Aave)" does not compete
+    moved = plan_follow_up("what about compound?", "What is Aave?", ("Aave",), "what-is-aave")
+    ranked = [
+        ("What is compound?", [Match(COMPOUND, 0.7)]),
+        ("compound (Aave)", [Match(AAVE_RISKS, 0.9)]),
+        ("what about compound?", [Match(COMPOUND, 0.6)]),
+    ]
+    assert choose("what about compound?", moved, ranked, 0.4).matches[0].entry.id == "what-is-compound"
+
+
+def test_a_pronoun_before_a_named_subject_points_at_another_one() -> None:
+    # "how is it different from liquidations?": "it" is not liquidations, so liquidation entries get no preference
+    subjects = ("Aave", "liquidation")
+    plan = plan_follow_up("how is it different from liquidations?", "What is Aave?", subjects, "what-is-aave")
+    ranked = [
+        ("how is it different from liquidations? (Aave)", [Match(AAVE_RISKS, 0.6), Match(LIQUIDATIONS, 0.62)]),
+        ("how is it different from liquidations?", [Match(LIQUIDATIONS, 0.8)]),
+    ]
+    assert choose("how is it different from liquidations?", plan, ranked, 0.4).matches[0].entry.id == "aave-risks"
 
 
 def test_choose_below_the_threshold_gets_no_preference() -> None:
