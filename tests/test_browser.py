@@ -10,16 +10,17 @@ import base64
 import contextlib
 import os
 import signal
+import sqlite3
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.conftest import ROOT, ServerProcess, free_port
+from tests.conftest import ROOT, ServerProcess, free_port, poll_until
 
 pytestmark = pytest.mark.browser
 
@@ -39,6 +40,7 @@ CHROME_ARGS = [
     "--window-size=1280,1000",
 ]
 ANSWER_TIMEOUT = 20.0
+FEEDBACK_TIMEOUT = 20.0
 
 
 class WebDriverError(AssertionError):
@@ -248,6 +250,187 @@ def test_chat_page_answers(browser: Browser, server: ServerProcess, transport: s
     assert page["status"] == "Ready."
     assert metric(server, counter) == before + 1  # the answer really came over the chosen transport
     browser.screenshot(ARTIFACTS / "chat_page.png")
+
+
+# --- rating answers on the chat page ------------------------------------------------------------------------
+
+FEEDBACK_COUNTERS = {
+    "ws": 'websocket_messages_total{direction="in",type="feedback"}',
+    "sse": 'http_requests_total{method="POST",route="/v2/feedback",status="200"}',
+}
+
+
+def database_file(server: ServerProcess) -> Path:
+    """The server's SQLite file (each test server gets its own `sqlite:///<dir>/defi.db`)."""
+    url = server.env["DATABASE_URL"]
+    scheme, _, path = url.partition(":///")
+    assert scheme.startswith("sqlite") and path, url
+    return Path(path)
+
+
+def feedback_rows(server: ServerProcess, answer_id: str) -> list[dict[str, Any]]:
+    """The server's stored ratings of one answer, read straight from its database (read-only)."""
+    with contextlib.closing(sqlite3.connect(f"{database_file(server).as_uri()}?mode=ro", uri=True, timeout=10)) as db:
+        db.row_factory = sqlite3.Row
+        rows = db.execute(
+            "SELECT answer_id, rating, comment, entry_id FROM feedback WHERE answer_id = ? ORDER BY id", (answer_id,)
+        ).fetchall()
+    return [dict(row) for row in rows]
+
+
+def wait_for_feedback(server: ServerProcess, answer_id: str, expected: dict[str, Any]) -> None:
+    """Poll the database until the answer has exactly the one expected rating row."""
+    seen: list[dict[str, Any]] = []
+
+    def stored() -> bool:
+        nonlocal seen
+        seen = feedback_rows(server, answer_id)
+        return seen == [expected]
+
+    try:
+        poll_until(stored, FEEDBACK_TIMEOUT)
+    except AssertionError:
+        raise AssertionError(f"feedback rows of {answer_id}: {seen}, expected [{expected}]") from None
+
+
+def ask_on_page(browser: Browser, server: ServerProcess, transport: str, question: str) -> str:
+    """Open the chat page, ask over `transport` and return the answer id of the rating control that appears."""
+    browser.open(f"{server.base_url}/")
+    browser.wait_for("return document.getElementById('status').textContent.startsWith('Connected')", 10)
+    browser.click(f'#transport option[value="{transport}"]')
+    browser.type("#question", question)
+    browser.click("#ask-button")
+    answer_id: str = browser.wait_for(
+        "const f = document.querySelector('.turn .feedback'); return f && f.dataset.answerId", ANSWER_TIMEOUT
+    )
+    return answer_id
+
+
+FEEDBACK_STATE = """
+const group = document.querySelector('.feedback[data-answer-id="' + arguments[0] + '"]');
+const button = (rating) => group.querySelector('button[data-rating="' + rating + '"]');
+return {
+  role: group.getAttribute('role'),
+  label: group.getAttribute('aria-label'),
+  helpful: button('helpful').getAttribute('aria-pressed'),
+  wrong: button('wrong').getAttribute('aria-pressed'),
+  helpfulLabel: button('helpful').getAttribute('aria-label'),
+  wrongLabel: button('wrong').getAttribute('aria-label'),
+  commentOpen: !group.querySelector('.feedback-comment').hidden,
+  commentMax: group.querySelector('textarea').maxLength,
+  status: group.querySelector('.feedback-status').textContent,
+  statusError: group.querySelector('.feedback-status').classList.contains('error'),
+};
+"""
+
+
+def status_says(browser: Browser, answer_id: str, text: str) -> None:
+    browser.wait_for(
+        f"const s = document.querySelector('.feedback[data-answer-id=\"{answer_id}\"] .feedback-status');"
+        " return s && s.textContent.includes(arguments[0]) && !s.classList.contains('error')",
+        FEEDBACK_TIMEOUT,
+        text,
+    )
+
+
+@pytest.mark.parametrize("transport", ["ws", "sse"])
+def test_chat_page_rates_answer(browser: Browser, server: ServerProcess, transport: str) -> None:
+    """Wrong (with a comment), then Helpful: one stored rating of the page's answer, sent over the page's transport."""
+    question = "What is impermanent loss?"
+    expected = rest_answer(server, question)
+    other = FEEDBACK_COUNTERS["sse" if transport == "ws" else "ws"]
+    own_before, other_before = metric(server, FEEDBACK_COUNTERS[transport]), metric(server, other)
+
+    answer_id = ask_on_page(browser, server, transport, question)
+    entry_id = browser.run("return document.querySelector('.turn .sources li').dataset.entryId")
+    assert entry_id == expected["sources"][0]["id"]
+    state = browser.run(FEEDBACK_STATE, answer_id)
+    assert state["role"] == "group" and state["label"] == "Rate this answer"
+    assert (state["helpful"], state["wrong"]) == ("false", "false")
+    assert "helpful" in state["helpfulLabel"].lower() and "wrong" in state["wrongLabel"].lower()
+    assert not state["commentOpen"]
+    assert state["commentMax"] == 1000
+
+    browser.click(f'.feedback[data-answer-id="{answer_id}"] button[data-rating="wrong"]')
+    status_says(browser, answer_id, "recorded as wrong")
+    wait_for_feedback(
+        server, answer_id, {"answer_id": answer_id, "rating": "wrong", "comment": None, "entry_id": entry_id}
+    )
+    state = browser.run(FEEDBACK_STATE, answer_id)
+    assert (state["helpful"], state["wrong"]) == ("false", "true")
+    assert state["commentOpen"]
+
+    comment = f"The answer misses the {transport} fee case."
+    browser.type(f'.feedback[data-answer-id="{answer_id}"] textarea', comment)
+    browser.click(f'.feedback[data-answer-id="{answer_id}"] .feedback-send')
+    browser.screenshot(ARTIFACTS / f"chat_feedback_comment_{transport}.png")
+    status_says(browser, answer_id, "comment sent")
+    wait_for_feedback(
+        server, answer_id, {"answer_id": answer_id, "rating": "wrong", "comment": comment, "entry_id": entry_id}
+    )
+
+    browser.click(f'.feedback[data-answer-id="{answer_id}"] button[data-rating="helpful"]')
+    status_says(browser, answer_id, "recorded as helpful")
+    wait_for_feedback(
+        server, answer_id, {"answer_id": answer_id, "rating": "helpful", "comment": None, "entry_id": entry_id}
+    )
+    state = browser.run(FEEDBACK_STATE, answer_id)
+    assert (state["helpful"], state["wrong"]) == ("true", "false")
+    assert not state["commentOpen"]
+    assert not state["statusError"]
+
+    # All three ratings went over the transport the page asked with, none over the other.
+    assert metric(server, FEEDBACK_COUNTERS[transport]) == own_before + 3
+    assert metric(server, other) == other_before
+    browser.screenshot(ARTIFACTS / f"chat_feedback_{transport}.png")
+
+
+ENTER, CONTROL, RELEASE_ALL = "\ue007", "\ue009", "\ue000"
+
+
+def test_chat_page_rating_by_keyboard(browser: Browser, server: ServerProcess) -> None:
+    """Enter on a focused rating button rates; Wrong moves focus to the comment box, Ctrl+Enter sends it."""
+    answer_id = ask_on_page(browser, server, "ws", "What is a flash loan?")
+    group = f'.feedback[data-answer-id="{answer_id}"]'
+    entry_id = browser.run("return document.querySelector('.turn .sources li').dataset.entryId")
+
+    browser.type(f'{group} button[data-rating="wrong"]', ENTER)
+    status_says(browser, answer_id, "recorded as wrong")
+    assert browser.run("return document.activeElement.tagName") == "TEXTAREA"
+    comment = "x" * 1005  # the box keeps the first 1,000 characters (the server's limit)
+    browser.type(f"{group} textarea", comment + CONTROL + ENTER + RELEASE_ALL)
+    status_says(browser, answer_id, "comment sent")
+    assert browser.run(f"return document.querySelector('{group} .feedback-counter').textContent") == "1000/1000"
+    wait_for_feedback(
+        server, answer_id, {"answer_id": answer_id, "rating": "wrong", "comment": "x" * 1000, "entry_id": entry_id}
+    )
+
+    browser.type(f'{group} button[data-rating="helpful"]', ENTER)
+    status_says(browser, answer_id, "recorded as helpful")
+    wait_for_feedback(
+        server, answer_id, {"answer_id": answer_id, "rating": "helpful", "comment": None, "entry_id": entry_id}
+    )
+    assert browser.run(FEEDBACK_STATE, answer_id)["helpful"] == "true"
+
+
+def test_no_rating_control_without_answer_id(browser: Browser, start_server: Callable[..., ServerProcess]) -> None:
+    """A stream stopped half-way has no answer id, so the page offers nothing to rate."""
+    slow = start_server(STREAM_WORD_DELAY_MS="300")
+    browser.open(f"{slow.base_url}/")
+    browser.wait_for("return document.getElementById('status').textContent.startsWith('Connected')", 10)
+    browser.type("#question", "What is impermanent loss?")
+    browser.click("#ask-button")
+    browser.wait_for(
+        "return document.querySelector('.turn .answer').textContent.split(' ').length >= 2", ANSWER_TIMEOUT
+    )
+    browser.click("#cancel-button")
+    browser.wait_for("return document.getElementById('status').textContent === 'Ready.'", ANSWER_TIMEOUT)
+    page = browser.run(
+        "return {meta: document.querySelector('.turn .meta').textContent,"
+        " controls: document.querySelectorAll('.feedback').length}"
+    )
+    assert "cancelled" in page["meta"]
+    assert page["controls"] == 0
 
 
 # --- EventSource against GET /ask-stream ---------------------------------------------------------------------
