@@ -31,10 +31,14 @@ from infrastructure.runtime_tuning import freeze_startup_heap, limit_blas_thread
 from services.embedding_cache import DiskCache, MemoryCache, SharedCache
 from services.embedding_providers import EmbeddingProvider, LocalMiniLMProvider, OpenAIProvider
 from services.embeddings import EmbeddingService
+from services.evaluation import load_labelled_questions
 from services.feedback import FeedbackStore
 from services.generation import AnswerGenerator
+from services.insights import Insights
 from services.knowledge import LiveKnowledge, build_snapshot
+from services.knowledge_admin import KnowledgeManager, sync_seed
 from services.knowledge_base import DatasetError, KnowledgeBase, load_knowledge_base
+from services.knowledge_versions import KnowledgeVersions
 from services.openai_compat import ProviderCheckError
 from services.question_log import AnswerRecord, QuestionLog
 from services.sessions import MemorySessionStore, RedisSessionStore, SessionStore
@@ -55,6 +59,8 @@ class Services:
     database: Database | None = None
     question_log: QuestionLog | None = None
     feedback: FeedbackStore | None = None
+    insights: Insights | None = None
+    knowledge_manager: KnowledgeManager | None = None
     background: list[asyncio.Task[None]] = field(default_factory=list)
 
 
@@ -176,7 +182,11 @@ def agent_settings(settings: Settings) -> AgentSettings:
 
 
 async def build_core(
-    settings: Settings, seed: KnowledgeBase, redis: Redis | None = None, on_answer: AnswerListener | None = None
+    settings: Settings,
+    seed: KnowledgeBase,
+    redis: Redis | None = None,
+    on_answer: AnswerListener | None = None,
+    version: int = 1,
 ) -> Services:
     """Load the embedder, index the seed knowledge base and assemble the agent (blocking parts off the loop).
 
@@ -189,8 +199,8 @@ async def build_core(
     snapshot = await build_snapshot(
         seed,
         embeddings,
-        version=1,
-        loaded_from=str(settings.dataset_path),
+        version=version,
+        loaded_from=seed.source,
         max_results=settings.agent_max_results,
         cache_dir=settings.cache_dir if settings.cache_enabled else None,
     )
@@ -244,6 +254,26 @@ def build_question_log(settings: Settings, database: Database) -> QuestionLog:
     )
 
 
+def build_insights(settings: Settings, services: Services, database: Database) -> Insights:
+    """The insights over the question log, grouping declined questions with the service's own embedder."""
+    return Insights(database, services.embeddings, services.knowledge, settings.agent_similarity_threshold)
+
+
+def build_knowledge_manager(settings: Settings, services: Services, versions: KnowledgeVersions) -> KnowledgeManager:
+    """Changes to the live knowledge base (admin API), checked against the labelled questions beside the dataset."""
+    return KnowledgeManager(
+        services.knowledge,
+        versions,
+        services.embeddings,
+        max_results=settings.agent_max_results,
+        cache_dir=settings.cache_dir if settings.cache_enabled else None,
+        threshold=settings.agent_similarity_threshold,
+        eval_questions=load_labelled_questions(settings.dataset_path.parent / "eval_questions.json"),
+        review_max_days=settings.kb_review_max_days,
+        redis=services.redis,
+    )
+
+
 def answer_listener(monitoring: Monitoring, question_log: QuestionLog) -> AnswerListener:
     """Every finished question goes to the dashboard's outcome window and the question log."""
 
@@ -255,16 +285,24 @@ def answer_listener(monitoring: Monitoring, question_log: QuestionLog) -> Answer
     return on_answer
 
 
-async def start_services(settings: Settings, seed: KnowledgeBase, monitoring: Monitoring) -> Services:
-    """Build every service of a serving process and start its background tasks."""
+async def start_services(settings: Settings, monitoring: Monitoring) -> Services:
+    """Build every service of a serving process and start its background tasks.
+
+    The knowledge base served is the newest version in the database; the dataset file becomes a new
+    version first when it changed (checked by `load_seed_or_exit` before the app was built).
+    """
     database = await open_database(settings)
     question_log = build_question_log(settings, database)
     await question_log.start()
+    versions = KnowledgeVersions(database)
+    version, knowledge_base = await sync_seed(database, versions, settings.dataset_path)
     redis = create_redis(settings.redis_url) if settings.redis_url else None  # connects lazily, never blocks here
-    services = await build_core(settings, seed, redis, answer_listener(monitoring, question_log))
+    services = await build_core(settings, knowledge_base, redis, answer_listener(monitoring, question_log), version)
     services.database = database
     services.question_log = question_log
     services.feedback = FeedbackStore(question_log)
+    services.insights = build_insights(settings, services, database)
+    services.knowledge_manager = build_knowledge_manager(settings, services, versions)
     freeze_startup_heap()
     await asyncio.to_thread(release_freed_memory)
     set_build_info(APP_VERSION, platform.python_version(), services.embeddings.model_id)
@@ -277,6 +315,7 @@ async def start_services(settings: Settings, seed: KnowledgeBase, monitoring: Mo
         asyncio.create_task(services.sessions.run_cleanup(settings.session_cleanup_interval_seconds)),
         asyncio.create_task(monitoring.loop_lag.run()),
     ]
+    services.background.append(asyncio.create_task(services.knowledge_manager.run()))
     if question_log.enabled:
         services.background += [asyncio.create_task(question_log.run()), asyncio.create_task(question_log.run_purge())]
     return services

@@ -138,6 +138,10 @@ class Settings(BaseSettings):
     question_log_retention_days: int = Field(default=30, ge=1, le=3650)
     question_log_queue_size: int = Field(default=10_000, ge=100, le=1_000_000)
 
+    # Live knowledge base (admin API)
+    kb_review_max_days: int = Field(default=180, ge=1, le=3650)
+    admin_max_body_bytes: int = Field(default=8_388_608, ge=16_384, le=104_857_600)
+
     # Streaming
     stream_word_delay_ms: float = Field(default=0.0, ge=0.0, le=2000.0)
     ws_heartbeat_interval_seconds: float = Field(default=30.0, gt=0)

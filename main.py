@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from api.monitoring import Monitoring, warn_if_operator_endpoints_open
-from api.routes import ask, feedback, health, operations, stream, ui, websocket
+from api.routes import admin, ask, feedback, health, knowledge_admin, operations, stream, ui, websocket
 from bootstrap import build_rate_limiter, load_seed_or_exit, start_services, stop_services
 from config import APP_VERSION, Settings, get_settings
 from infrastructure.logging import configure_logging
@@ -34,7 +34,7 @@ logger = structlog.get_logger(__name__)
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Build the services once (bootstrap.py), put each on `app.state`, release them at shutdown."""
     settings: Settings = app.state.settings
-    services = await start_services(settings, app.state.seed_knowledge_base, app.state.monitoring)
+    services = await start_services(settings, app.state.monitoring)
     state = app.state
     state.redis = services.redis
     state.embeddings = services.embeddings
@@ -45,6 +45,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     state.database = services.database
     state.question_log = services.question_log
     state.feedback = services.feedback
+    state.insights = services.insights
+    state.knowledge_manager = services.knowledge_manager
     warn_if_operator_endpoints_open(settings)
     logger.info("service_ready", host=settings.host, port=settings.port, environment=settings.environment)
     try:
@@ -79,14 +81,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.rate_limiter = build_rate_limiter(settings)
     app.state.trusted_networks = parse_networks(settings.trusted_proxies)
     app.state.monitoring = Monitoring(system=SystemSampler(settings.cache_dir))
-    app.state.seed_knowledge_base = load_seed_or_exit(settings)
+    load_seed_or_exit(settings)  # a bad dataset file stops the process (exit 2) before anything is built
     install_error_handlers(app)
     # No trailing-slash redirects: `/metrics/` is a 404, and no Location is ever built from the Host header.
     app.router.redirect_slashes = False
     # Listed innermost first. Outermost to innermost: request id, access log, security headers, allowed hosts,
     # HTTPS redirect (USE_HTTPS; its Location uses a Host already allowed), CORS, unexpected errors (a 500 passes
     # through every layer above, so it carries their headers), body limit.
-    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes, admin_max_bytes=settings.admin_max_body_bytes
+    )
     app.add_middleware(UnhandledErrorMiddleware)
     app.add_middleware(
         CORSMiddleware,
@@ -114,6 +118,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(stream.router)
     app.include_router(websocket.router)
     app.include_router(operations.router)
+    app.include_router(knowledge_admin.router)
+    app.include_router(admin.router)
     app.include_router(ui.router)
     return app
 

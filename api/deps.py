@@ -19,6 +19,7 @@ from infrastructure.rate_limit import QuestionRateLimiter, RateLimitExceededErro
 from middleware.request_context import RATE_LIMIT_HEADERS_KEY, route_template
 from services.embeddings import EmbeddingService
 from services.feedback import FeedbackStore
+from services.insights import Insights
 from services.knowledge import LiveKnowledge
 from services.sessions import SessionStore
 
@@ -137,3 +138,4 @@ AnswerCacheDep = Annotated[AnswerCache | None, Depends(from_state("answer_cache"
 MonitoringDep = Annotated[Monitoring, Depends(from_state("monitoring"))]
 FeedbackDep = Annotated[FeedbackStore, Depends(from_state("feedback"))]
 """The monitoring windows, loop-lag monitor and system sampler of this process."""
+InsightsDep = Annotated[Insights, Depends(from_state("insights"))]

@@ -98,6 +98,7 @@ class HealthResponse(BaseModel):
     status: Literal["healthy"]
     agent_loaded: bool
     message: str
+    kb_version: int | None = Field(default=None, description="The live knowledge-base version.")
 
 
 class ErrorResponse(BaseModel):

@@ -22,7 +22,7 @@ from sqlalchemy import event, select, text
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection, make_url
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 from config import normalize_database_url
 from infrastructure.tables import ServiceValueRow
@@ -82,30 +82,37 @@ class Database:
         async with self.engine.connect() as connection:
             await connection.execute(text("SELECT 1"))
 
+    @asynccontextmanager
+    async def exclusive(self) -> AsyncIterator[AsyncConnection]:
+        """A connection held while no other process holds one from `exclusive` (start-up work done once).
+
+        A file lock beside a SQLite database, a session-level advisory lock on PostgreSQL.
+        """
+        lock = None
+        if self.sqlite_path is not None:
+            lock_path = self.sqlite_path.with_name(self.sqlite_path.name + ".lock")
+            lock = await asyncio.to_thread(_acquire_file_lock, lock_path)
+        try:
+            async with self.engine.connect() as connection:
+                if self.dialect == "postgresql":
+                    await connection.execute(text("SELECT pg_advisory_lock(:id)"), {"id": MIGRATION_LOCK_ID})
+                    await connection.commit()
+                try:
+                    yield connection
+                finally:
+                    if self.dialect == "postgresql":
+                        await connection.rollback()
+                        await connection.execute(text("SELECT pg_advisory_unlock(:id)"), {"id": MIGRATION_LOCK_ID})
+                        await connection.commit()
+        finally:
+            if lock is not None:
+                lock.close()  # closing the file releases the lock
+
     async def migrate(self) -> None:
         """Bring the schema to the newest migration, one process at a time."""
-        if self.sqlite_path is not None:
-            lock_path = self.sqlite_path.with_name(self.sqlite_path.name + ".migrate.lock")
-            lock = await asyncio.to_thread(_acquire_file_lock, lock_path)
-            try:
-                await self._upgrade()
-            finally:
-                lock.close()  # closing the file releases the lock
-        else:
-            await self._upgrade()
-
-    async def _upgrade(self) -> None:
-        async with self.engine.connect() as connection:
-            if self.dialect == "postgresql":
-                await connection.execute(text("SELECT pg_advisory_lock(:id)"), {"id": MIGRATION_LOCK_ID})
-                await connection.commit()
-            try:
-                await connection.run_sync(_run_alembic_upgrade)
-                await connection.commit()
-            finally:
-                if self.dialect == "postgresql":
-                    await connection.execute(text("SELECT pg_advisory_unlock(:id)"), {"id": MIGRATION_LOCK_ID})
-                    await connection.commit()
+        async with self.exclusive() as connection:
+            await connection.run_sync(_run_alembic_upgrade)
+            await connection.commit()
 
     async def shared_value(self, key: str, make: str) -> str:
         """The service-wide value under `key`, created as `make` by the first process that asks."""

@@ -103,6 +103,19 @@ QUESTION_LOG_DROPPED = Counter(
 QUESTION_LOG_PENDING = Gauge(
     "question_log_pending", "Question-log rows waiting to be written.", multiprocess_mode="livesum"
 )
+KNOWLEDGE_BASE_ENTRIES = Gauge(
+    "knowledge_base_entries", "Entries in the live knowledge base.", multiprocess_mode="livemax"
+)
+KNOWLEDGE_BASE_VERSION = Gauge(
+    "knowledge_base_version",
+    "Version of the live knowledge base (lowest worker: all equal once converged).",
+    multiprocess_mode="livemin",
+)
+KNOWLEDGE_BASE_RELOADS = Counter(
+    "knowledge_base_reloads_total",
+    "Knowledge-base versions made live, by result: `ok`, `invalid` (refused), `error` (could not be loaded).",
+    ["result"],
+)
 EVENT_LOOP_LAG = Gauge(
     "event_loop_lag_seconds",
     "How late the event loop woke from its last monitoring sleep (worst worker).",

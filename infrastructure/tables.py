@@ -72,3 +72,17 @@ class ServiceValueRow(Base):
 
     key: Mapped[str] = mapped_column(String(64), primary_key=True)
     value: Mapped[str] = mapped_column(Text)
+
+
+class KnowledgeVersionRow(Base):
+    """One version of the knowledge base: the whole dataset as JSON, and how it came to be."""
+
+    __tablename__ = "knowledge_base_versions"
+
+    version: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    change: Mapped[str] = mapped_column(String(32))  # seed, replace, put_entry, delete_entry, rollback
+    detail: Mapped[str | None] = mapped_column(Text)  # the seed file, the entry id, the version rolled back to
+    checksum: Mapped[str] = mapped_column(String(64))  # SHA-256 of `document`
+    entry_count: Mapped[int] = mapped_column(Integer)
+    document: Mapped[str] = mapped_column(Text)

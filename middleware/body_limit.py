@@ -1,4 +1,5 @@
-"""Refuse request bodies over MAX_BODY_BYTES with 413, by Content-Length or while reading."""
+"""Refuse request bodies over MAX_BODY_BYTES (ADMIN_MAX_BODY_BYTES under /admin/) with 413, by Content-Length
+or while reading."""
 
 from __future__ import annotations
 
@@ -18,17 +19,19 @@ class BodyTooLargeError(HTTPException):
 class BodySizeLimitMiddleware:
     """Pure ASGI middleware, so responses (SSE included) are never buffered."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, admin_max_bytes: int | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.admin_max_bytes = admin_max_bytes or max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.admin_max_bytes if scope["path"].startswith("/admin/") else self.max_bytes
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
-            await self._reject(send, declared.isdigit())
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            await self._reject(send, declared.isdigit(), limit)
             return
         received = 0
         response_started = False
@@ -38,8 +41,8 @@ class BodySizeLimitMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise BodyTooLargeError(self.max_bytes)
+                if received > limit:
+                    raise BodyTooLargeError(limit)
             return message
 
         async def tracking_send(message: Message) -> None:
@@ -52,12 +55,12 @@ class BodySizeLimitMiddleware:
             await self.app(scope, limited_receive, tracking_send)
         except BodyTooLargeError:
             if not response_started:
-                await self._reject(send, True)
+                await self._reject(send, True, limit)
 
-    async def _reject(self, send: Send, too_large: bool) -> None:
+    async def _reject(self, send: Send, too_large: bool, limit: int) -> None:
         status = 413 if too_large else 400
         detail = (
-            f"Request body is larger than the {self.max_bytes}-byte limit"
+            f"Request body is larger than the {limit}-byte limit"
             if too_large
             else "Content-Length header is not a number"
         )

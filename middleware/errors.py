@@ -9,6 +9,7 @@ import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
@@ -106,6 +107,12 @@ async def _session_store_handler(request: Request, error: Exception) -> JSONResp
     return error_response(503, str(error), "session_store_unavailable", headers={"Retry-After": "5"})
 
 
+async def _database_handler(request: Request, error: Exception) -> JSONResponse:
+    logger.warning("database_error", path=request.url.path, error=type(error).__name__)
+    detail = "The database cannot be reached; retry shortly"
+    return error_response(503, detail, "database_unavailable", headers={"Retry-After": "5"})
+
+
 async def _session_busy_handler(request: Request, error: Exception) -> JSONResponse:
     return error_response(409, str(error), "session_busy", headers={"Retry-After": "1"})
 
@@ -132,5 +139,6 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(AgentUnavailableError, _unavailable_handler)
     app.add_exception_handler(SessionStoreUnavailableError, _session_store_handler)
     app.add_exception_handler(SessionBusyError, _session_busy_handler)
+    app.add_exception_handler(SQLAlchemyError, _database_handler)
     app.add_exception_handler(RateLimitExceededError, _rate_limited_handler)
     app.add_exception_handler(Exception, _unexpected_handler)

@@ -29,6 +29,8 @@ class KnowledgeSnapshot:
     loaded_from: str
     index_from_cache: bool
     names: NameVocabulary
+    provisional: bool = False
+    """The classifier was updated for a change, not fitted on the whole dataset (a full fit follows)."""
 
 
 class LiveKnowledge:
@@ -56,9 +58,17 @@ async def build_snapshot(
     loaded_from: str,
     max_results: int,
     cache_dir: Path | None,
+    previous: KnowledgeSnapshot | None = None,
+    incremental: bool = False,
 ) -> KnowledgeSnapshot:
-    """Index `knowledge_base` (reusing the index file for this dataset and model) and wrap it as a snapshot."""
-    retriever, from_cache = await build_retriever(knowledge_base, embeddings, cache_dir)
+    """Index `knowledge_base` and wrap it as a snapshot.
+
+    The index file for this dataset and model is reused when it exists; otherwise only the phrasings the
+    `previous` snapshot does not hold are embedded. `incremental` updates `previous`'s classifier instead of
+    fitting a new one (seconds instead of a minute; the snapshot is then `provisional`).
+    """
+    reuse = previous.retriever if previous is not None else None
+    retriever, from_cache = await build_retriever(knowledge_base, embeddings, cache_dir, reuse, incremental=incremental)
     texts = [text for entry in knowledge_base.entries for text in entry.phrasings()]
     names = await asyncio.to_thread(NameVocabulary.from_texts, texts)
     return KnowledgeSnapshot(
@@ -70,4 +80,5 @@ async def build_snapshot(
         loaded_from=loaded_from,
         index_from_cache=from_cache,
         names=names,
+        provisional=incremental and not from_cache and reuse is not None,
     )

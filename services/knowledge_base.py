@@ -5,14 +5,21 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import date
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 _ID_PATTERN = re.compile(r"^[a-z0-9]+(?:-[a-z0-9]+)*$")
 MAX_SUBJECTS = 8
 MAX_SUBJECT_CHARS = 40
+MAX_ENTRIES = 5000
+MAX_QUESTION_CHARS = 300
+MAX_ANSWER_CHARS = 4000
+MAX_ALTERNATIVES = 40
 
 
 class DatasetError(ValueError):
@@ -25,12 +32,16 @@ class Entry(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     id: str = Field(min_length=1, max_length=80)
-    category: str = Field(min_length=1)
-    question: str = Field(min_length=3)
-    alternatives: tuple[str, ...] = Field(min_length=2)
-    answer: str = Field(min_length=20)
+    category: str = Field(min_length=1, max_length=80)
+    question: str = Field(min_length=3, max_length=MAX_QUESTION_CHARS)
+    alternatives: tuple[Annotated[str, Field(max_length=MAX_QUESTION_CHARS)], ...] = Field(
+        min_length=2, max_length=MAX_ALTERNATIVES
+    )
+    answer: str = Field(min_length=20, max_length=MAX_ANSWER_CHARS)
     subjects: tuple[str, ...] = ()
     """What the entry is about (protocols, tokens, concepts), main one first; follow-ups inherit them."""
+    reviewed: date | None = None
+    """When a person last checked the entry's facts against current sources (YYYY-MM-DD)."""
     _vocabulary: tuple[str, ...] = PrivateAttr(default=())
 
     @field_validator("id")
@@ -81,11 +92,12 @@ class Entry(BaseModel):
 
 @dataclass(frozen=True)
 class KnowledgeBase:
-    """The validated entries and a hash of the file content (used to key the embedding matrix)."""
+    """The validated entries and a hash of their JSON (it keys the index file and checks versions)."""
 
     entries: tuple[Entry, ...]
     content_hash: str
-    path: Path
+    source: str
+    """Where it was read from: the dataset file's path, or `database v<N>`."""
 
     def __post_init__(self) -> None:
         vocabulary: dict[str, str] = {}
@@ -103,31 +115,73 @@ class KnowledgeBase:
         return len(self.entries)
 
 
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a dataset: the entry (id, or position when it has no usable id), field and why."""
+
+    entry: str
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.entry}: {self.field}: {self.message}"
+
+
+def check_dataset(raw: bytes, source: str) -> tuple[KnowledgeBase | None, list[Problem]]:
+    """Validate a whole dataset (JSON bytes); every problem found, and the knowledge base when there are none.
+
+    The document is a JSON list of entries (or `{"entries": [...]}`); `source` names where it came from.
+    """
+    try:
+        document = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
+        return None, [Problem("dataset", "json", f"not valid JSON: {error}")]
+    items = document.get("entries") if isinstance(document, dict) else document
+    if not isinstance(items, list) or not items:
+        return None, [Problem("dataset", "entries", "must be a non-empty list of entries")]
+    if len(items) > MAX_ENTRIES:
+        return None, [Problem("dataset", "entries", f"at most {MAX_ENTRIES} entries")]
+    entries: list[Entry] = []
+    problems: list[Problem] = []
+    seen: set[str] = set()
+    for position, item in enumerate(items):
+        raw_id = item.get("id") if isinstance(item, dict) else None
+        label = raw_id if isinstance(raw_id, str) and raw_id else f"#{position}"
+        try:
+            entry = Entry.model_validate(item)
+        except ValidationError as error:
+            for detail in error.errors():
+                field = ".".join(str(part) for part in detail["loc"]) or "entry"
+                problems.append(Problem(label, field, detail["msg"]))
+            continue
+        if entry.id in seen:
+            problems.append(Problem(label, "id", f"duplicate id {entry.id!r}"))
+            continue
+        seen.add(entry.id)
+        entries.append(entry)
+    if problems:
+        return None, problems
+    return KnowledgeBase(tuple(entries), hashlib.sha256(raw).hexdigest(), source), []
+
+
+def parse_dataset(raw: bytes, source: str) -> KnowledgeBase:
+    """Validate a dataset (JSON bytes); raise DatasetError naming the first problem."""
+    knowledge_base, problems = check_dataset(raw, source)
+    if knowledge_base is None:
+        raise DatasetError(f"dataset {source}: {problems[0]}")
+    return knowledge_base
+
+
+def dump_dataset(entries: Sequence[Entry]) -> bytes:
+    """The canonical JSON of a dataset (the format of data/knowledge_base.json), as stored for each version."""
+    document = [entry.model_dump(mode="json", exclude_defaults=True) for entry in entries]
+    return (json.dumps(document, indent=2, ensure_ascii=False) + "\n").encode()
+
+
 def load_knowledge_base(path: Path) -> KnowledgeBase:
-    """Read and validate the dataset; raise DatasetError naming the first bad entry."""
+    """Read and validate the dataset file; raise DatasetError naming the first bad entry."""
     try:
         raw = path.read_bytes()
     except OSError as error:
         raise DatasetError(f"cannot read dataset {path}: {error.strerror or error}") from None
-    try:
-        document = json.loads(raw)
-    except json.JSONDecodeError as error:
-        raise DatasetError(f"dataset {path} is not valid JSON: {error}") from None
-    items = document.get("entries") if isinstance(document, dict) else document
-    if not isinstance(items, list) or not items:
-        raise DatasetError(f"dataset {path} must hold a non-empty list of entries")
-    entries: list[Entry] = []
-    seen: set[str] = set()
-    for position, item in enumerate(items):
-        label = f"entry #{position}" + (f" (id={item.get('id')!r})" if isinstance(item, dict) else "")
-        try:
-            entry = Entry.model_validate(item)
-        except ValidationError as error:
-            first = error.errors()[0]
-            field = ".".join(str(part) for part in first["loc"]) or "entry"
-            raise DatasetError(f"dataset {path}: {label}: {field}: {first['msg']}") from None
-        if entry.id in seen:
-            raise DatasetError(f"dataset {path}: {label}: duplicate id {entry.id!r}")
-        seen.add(entry.id)
-        entries.append(entry)
-    return KnowledgeBase(tuple(entries), hashlib.sha256(raw).hexdigest(), path)
+    return parse_dataset(raw, str(path))

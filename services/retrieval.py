@@ -129,15 +129,49 @@ def _phrasings(knowledge_base: KnowledgeBase) -> tuple[list[str], list[int], np.
     return texts, starts, np.array(owners, dtype=np.intp)
 
 
+def _classifier_model(jobs: int = 1) -> SGDClassifier:
+    return SGDClassifier(loss="log_loss", alpha=1e-5, max_iter=30, tol=None, random_state=0, n_jobs=jobs)
+
+
 def train_classifier(
     knowledge_base: KnowledgeBase, phrasing_vectors: np.ndarray, lexical: LexicalIndex
 ) -> ClassifierWeights:
     """Fit the entry classifier on the knowledge base's own phrasings (deterministic). Blocking, CPU-heavy."""
     _, _, owners = _phrasings(knowledge_base)
     features = sparse.hstack([sparse.csr_matrix(phrasing_vectors), lexical.phrasings]).tocsr()
-    model = SGDClassifier(loss="log_loss", alpha=1e-5, max_iter=30, tol=None, random_state=0, n_jobs=2)
+    model = _classifier_model(jobs=2)
     model.fit(features, owners)
     return ClassifierWeights(model.coef_.astype(np.float32), model.intercept_.astype(np.float32))
+
+
+def update_retriever(previous: Retriever, knowledge_base: KnowledgeBase, phrasing_vectors: np.ndarray) -> Retriever:
+    """A retriever for a slightly changed knowledge base, in a fraction of a full fit (blocking).
+
+    The classifier is one-vs-rest: each entry's linear model is kept when the entry's phrasings are unchanged,
+    and fitted alone (its phrasings against all others) for new and changed entries. The TF-IDF keeps the
+    previous vocabulary and idf (words only new phrasings use are not features). A full fit later gives
+    nearly the same ranking; `KnowledgeManager` runs one in the background.
+    """
+    if previous.classifier is None:
+        raise ValueError("the previous retriever has no classifier to update")
+    texts, _, owners = _phrasings(knowledge_base)
+    old = previous.lexical
+    lexical = LexicalIndex(old.terms, old.idf, old.vectorizer().transform(texts).tocsr())
+    features = sparse.hstack([sparse.csr_matrix(phrasing_vectors), lexical.phrasings]).tocsr()
+    before = {entry.id: (row, entry) for row, entry in enumerate(previous.knowledge_base.entries)}
+    coefficients = np.zeros((len(knowledge_base), features.shape[1]), dtype=np.float32)
+    intercepts = np.zeros(len(knowledge_base), dtype=np.float32)
+    for row, entry in enumerate(knowledge_base.entries):
+        kept = before.get(entry.id)
+        if kept is not None and kept[1].phrasings() == entry.phrasings():
+            coefficients[row] = previous.classifier.coefficients[kept[0]]
+            intercepts[row] = previous.classifier.intercepts[kept[0]]
+            continue
+        model = _classifier_model()
+        model.fit(features, np.where(owners == row, 1, 0))
+        coefficients[row] = model.coef_[0]
+        intercepts[row] = model.intercept_[0]
+    return Retriever(knowledge_base, phrasing_vectors, ClassifierWeights(coefficients, intercepts), lexical)
 
 
 class Retriever:
@@ -161,6 +195,8 @@ class Retriever:
         self._centroids = (centroids / np.linalg.norm(centroids, axis=1, keepdims=True)).astype(np.float32)
         if lexical.phrasings.shape[0] != len(texts):
             raise ValueError("the lexical index does not match the knowledge base")
+        self.lexical = lexical
+        self.classifier = classifier
         self._vectorizer = lexical.vectorizer()
         self._lexical = lexical.phrasings.T.tocsr()
         dimension = self._dense.shape[1]
@@ -170,6 +206,7 @@ class Retriever:
             self._lexical_weights = np.ascontiguousarray(classifier.coefficients[:, dimension:].T)
             self._intercepts = classifier.intercepts
         self.phrasing_count = len(texts)
+        self.phrasing_vectors = self._dense  # one row per phrasing, in the knowledge base's order
         self.dimension = dimension
 
     def search(self, vector: np.ndarray, text: str, limit: int) -> list[Match]:
@@ -303,12 +340,19 @@ def _cached_lexical(arrays: dict[str, np.ndarray], phrasing_count: int) -> Lexic
 
 
 async def build_retriever(
-    knowledge_base: KnowledgeBase, embeddings: EmbeddingService, cache_dir: Path | None
+    knowledge_base: KnowledgeBase,
+    embeddings: EmbeddingService,
+    cache_dir: Path | None,
+    reuse: Retriever | None = None,
+    *,
+    incremental: bool = False,
 ) -> tuple[Retriever, bool]:
     """Embed every phrasing and train the classifier, reusing the index file for (dataset, model).
 
-    File reads and the CPU-heavy fitting run on threads; embedding goes through the embedding service.
-    Returns the retriever and whether everything came from the index file.
+    File reads and the CPU-heavy fitting run on threads; embedding goes through the embedding service,
+    and only for phrasings `reuse` (the live retriever, when a changed dataset replaces it) lacks. With
+    `incremental` (and `reuse`), the classifier is updated rather than fitted (`update_retriever`) and no
+    index file is written. Returns the retriever and whether everything came from the index file.
     """
     texts = [text for entry in knowledge_base.entries for text in entry.phrasings()]
     normalized, _, _ = _phrasings(knowledge_base)
@@ -332,7 +376,9 @@ async def build_retriever(
             if path is not None:
                 await asyncio.to_thread(_atomic_save, path, **_index_arrays(vectors, weights, lexical))
         return await asyncio.to_thread(Retriever, knowledge_base, vectors, weights, lexical), True
-    vectors = await embeddings.embed_corpus(texts)
+    vectors = await _embed_phrasings(texts, embeddings, reuse)
+    if incremental and reuse is not None and reuse.classifier is not None:
+        return await asyncio.to_thread(update_retriever, reuse, knowledge_base, vectors), False
 
     def fit() -> Retriever:
         lexical = LexicalIndex.fit(normalized)
@@ -351,3 +397,15 @@ def _index_arrays(vectors: np.ndarray, weights: ClassifierWeights, lexical: Lexi
         "intercepts": weights.intercepts,
         **lexical.to_arrays(),
     }
+
+
+async def _embed_phrasings(texts: list[str], embeddings: EmbeddingService, reuse: Retriever | None) -> np.ndarray:
+    """Vectors for `texts`: those `reuse` already holds are copied, only the others go to the model."""
+    known: dict[str, np.ndarray] = {}
+    if reuse is not None:
+        previous = [text for entry in reuse.knowledge_base.entries for text in entry.phrasings()]
+        known = dict(zip(previous, reuse.phrasing_vectors, strict=True))
+    missing = sorted({text for text in texts if text not in known})
+    if missing:
+        known.update(zip(missing, await embeddings.embed_corpus(missing), strict=True))
+    return np.stack([known[text] for text in texts]).astype(np.float32)

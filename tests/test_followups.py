@@ -392,7 +392,7 @@ LST = entry("liquid-staking", "What are liquid staking tokens?", ("liquid stakin
 STAKING = entry("staking", "What is staking?", ("staking",))
 # every entry learns the knowledge base's subjects when the knowledge base is built
 KnowledgeBase(
-    (AAVE, AAVE_RISKS, DEFI_RISKS, LIQUIDATIONS, RUG_PULL, EMODE, ISOLATION, COMPOUND, LST, STAKING), "t", Path("t")
+    (AAVE, AAVE_RISKS, DEFI_RISKS, LIQUIDATIONS, RUG_PULL, EMODE, ISOLATION, COMPOUND, LST, STAKING), "t", "t"
 )
 
 

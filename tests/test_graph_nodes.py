@@ -7,7 +7,6 @@ expected entry is unambiguous; the embedder returns those vectors for known text
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -43,7 +42,7 @@ ENTRIES = (
         answer="Uniswap is a decentralized exchange that prices swaps with liquidity pools.",
     ),
 )
-KNOWLEDGE_BASE = KnowledgeBase(ENTRIES, "test", Path("test.json"))
+KNOWLEDGE_BASE = KnowledgeBase(ENTRIES, "test", "test.json")
 
 
 def _axis(index: int) -> np.ndarray:

@@ -24,6 +24,7 @@ SERVICES = {
     "Database",
     "QuestionLog",
     "FeedbackStore",
+    "Insights",
 }
 ALLOWED_BUILDERS = {"main", "bootstrap"}
 

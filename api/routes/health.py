@@ -37,9 +37,13 @@ _NO_STORE = {"Cache-Control": "no-store", "Vary": "Authorization"}
 @router.get("/health", response_model=HealthResponse)
 async def health(knowledge: KnowledgeDep) -> HealthResponse:
     """Liveness: the process is up and the agent is loaded (HEAD: the same status, no body)."""
-    entries = len(knowledge.current.knowledge_base)
+    snapshot = knowledge.current
+    entries = len(snapshot.knowledge_base)
     return HealthResponse(
-        status="healthy", agent_loaded=True, message=f"DeFi Q&A agent ready with {entries} knowledge-base entries"
+        status="healthy",
+        agent_loaded=True,
+        message=f"DeFi Q&A agent ready with {entries} knowledge-base entries",
+        kb_version=snapshot.version,
     )
 
 

@@ -1,5 +1,6 @@
 // Operator dashboard for DeFi Q&A Bot: polls /health-status, /performance-stats and /system-metrics and draws
-// small canvas charts. No third-party code. `?token=` is sent as a Bearer header; `?refresh=N` sets the period (s).
+// small canvas charts; every 60 s reads /admin/insights for the missing-topics and disputed-entries panel.
+// No third-party code. `?token=` is sent as a Bearer header; `?refresh=N` sets the period (s).
 "use strict";
 
 const params = new URLSearchParams(window.location.search);
@@ -274,6 +275,79 @@ async function refresh() {
   setText("updated", "updated " + new Date().toLocaleTimeString());
 }
 
+// --- insights (/admin/insights): missing topics and disputed entries, refreshed less often -------------------------
+
+const INSIGHTS_DAYS = Math.min(365, Math.max(1, Number(params.get("days")) || 7));
+const INSIGHTS_SECONDS = 60;
+const INSIGHTS_ROWS = 10;
+
+function cell(content, className) {
+  const td = document.createElement("td");
+  if (className) td.className = className;
+  if (content instanceof Node) td.append(content); else td.textContent = content;
+  return td;
+}
+
+function entryCell(id, question) {
+  const wrapper = document.createElement("div");
+  const title = document.createElement("div");
+  title.textContent = question || id;
+  const name = document.createElement("div");
+  name.className = "entry-id";
+  name.textContent = id;
+  wrapper.append(title, name);
+  return wrapper;
+}
+
+function placeholderRow(columns, text) {
+  const row = document.createElement("tr");
+  const td = cell(text, "muted");
+  td.colSpan = columns;
+  row.append(td);
+  return row;
+}
+
+function renderInsights(report) {
+  const topics = report.missing_topics.slice(0, INSIGHTS_ROWS).map((topic) => {
+    const row = document.createElement("tr");
+    const examples = document.createElement("ul");
+    examples.className = "examples";
+    for (const text of topic.examples) {
+      const item = document.createElement("li");
+      item.textContent = text;
+      examples.append(item);
+    }
+    const nearest = topic.nearest_entry;
+    row.append(
+      cell(String(topic.count), "num"),
+      cell(examples),
+      nearest ? cell(entryCell(nearest.id, nearest.question)) : cell("–", "muted"),
+      cell(nearest ? fmtNumber(nearest.score, 3) : "–", "num"),
+    );
+    return row;
+  });
+  $("missing-topics").replaceChildren(...(topics.length ? topics : [placeholderRow(4, "No declined questions in the period.")]));
+  const disputed = report.disputed_entries.slice(0, INSIGHTS_ROWS).map((entry) => {
+    const row = document.createElement("tr");
+    const latest = entry.comments.length ? entry.comments[0].comment : "–";
+    row.append(cell(entryCell(entry.entry_id, entry.question)), cell(String(entry.wrong), "num"),
+      cell(String(entry.helpful), "num"), cell(latest, entry.comments.length ? "" : "muted"));
+    return row;
+  });
+  $("disputed-entries").replaceChildren(...(disputed.length ? disputed : [placeholderRow(4, "No answer was rated wrong in the period.")]));
+  document.body.dataset.insightsLoaded = "true";
+}
+
+async function insightsLoop() {
+  try {
+    renderInsights(await getJson("/admin/insights?days=" + INSIGHTS_DAYS));
+  } catch (error) {
+    $("missing-topics").replaceChildren(placeholderRow(4, "Could not load insights: " + error.message));
+    $("disputed-entries").replaceChildren(placeholderRow(4, "Could not load insights: " + error.message));
+  }
+  window.setTimeout(insightsLoop, INSIGHTS_SECONDS * 1000);
+}
+
 async function loop() {
   try {
     await refresh();
@@ -285,4 +359,6 @@ async function loop() {
 }
 
 setText("refresh-seconds", String(refreshSeconds));
+for (const span of document.querySelectorAll(".insights-days")) span.textContent = String(INSIGHTS_DAYS);
 loop();
+insightsLoop();

@@ -1,0 +1,147 @@
+"""The live knowledge base's admin API: status, versions, validate, replace, edit one entry, roll back.
+
+Reading needs the ADMIN_TOKEN bearer when one is set (as /dashboard). Changing (and validating, which
+builds a whole index) needs ADMIN_TOKEN to be set at all: without one these endpoints answer 403.
+Bodies may be up to ADMIN_MAX_BODY_BYTES (a whole dataset), not MAX_BODY_BYTES.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+
+from api.deps import AdminOnly, require_admin
+from api.schemas import ErrorResponse
+from config import Settings
+from infrastructure.error_format import error_body
+from middleware.errors import describe_validation
+from services.knowledge_admin import ChangeRefusedError, KnowledgeManager
+from services.knowledge_base import Entry
+from services.knowledge_versions import KnowledgeVersion
+
+router = APIRouter(prefix="/admin/knowledge-base", tags=["knowledge base"])
+
+_ERRORS: dict[int | str, dict[str, object]] = {
+    401: {"model": ErrorResponse, "description": "ADMIN_TOKEN is set and the bearer token is missing or wrong"},
+    403: {"model": ErrorResponse, "description": "ADMIN_TOKEN is not set: the knowledge base cannot be changed"},
+    404: {"model": ErrorResponse, "description": "No such entry or version"},
+    409: {"model": ErrorResponse, "description": "The change leaves the knowledge base as it is"},
+    413: {"model": ErrorResponse, "description": "Body over ADMIN_MAX_BODY_BYTES"},
+    422: {"model": ErrorResponse, "description": "Invalid dataset or entry (per-entry `errors`), or eval regression"},
+    503: {"model": ErrorResponse, "description": "The database cannot be reached"},
+}
+RequireEval = Annotated[
+    bool, Query(description="Refuse the change when hit@1 on data/eval_questions.json falls by more than 0.02.")
+]
+
+
+async def require_admin_change(request: Request) -> None:
+    """Changes need ADMIN_TOKEN to be configured (403 otherwise) and presented (401)."""
+    settings: Settings = request.app.state.settings
+    if settings.admin_token is None:
+        raise HTTPException(403, "Set ADMIN_TOKEN to change the knowledge base over the API")
+    await require_admin(request)
+
+
+AdminChange = Depends(require_admin_change)
+
+
+def _manager(request: Request) -> KnowledgeManager:
+    manager: KnowledgeManager = request.app.state.knowledge_manager
+    return manager
+
+
+def _refused(refused: ChangeRefusedError) -> JSONResponse:
+    return JSONResponse(
+        {**error_body(refused.status, refused.detail, refused.reason), **refused.extra}, status_code=refused.status
+    )
+
+
+def _changed(record: KnowledgeVersion) -> dict[str, Any]:
+    return {"status": "live", **record.to_wire()}
+
+
+@router.get("", dependencies=[AdminOnly], responses=_ERRORS)
+async def knowledge_base_status(request: Request) -> dict[str, Any]:
+    """The live version: number, entries, checksum, when and from what it was loaded, entries due for review."""
+    return _manager(request).status()
+
+
+@router.get("/versions", dependencies=[AdminOnly], responses=_ERRORS)
+async def knowledge_base_versions(
+    request: Request, limit: Annotated[int, Query(ge=1, le=1000)] = 100
+) -> dict[str, Any]:
+    """Stored versions, newest first."""
+    return {"versions": [record.to_wire() for record in await _manager(request).history(limit)]}
+
+
+@router.post("/validate", dependencies=[AdminChange], responses=_ERRORS)
+async def validate_dataset(request: Request) -> dict[str, Any]:
+    """Check a whole dataset (the data/knowledge_base.json format) against the live one; changes nothing."""
+    report = await _manager(request).validate(await request.body())
+    return report.to_wire()
+
+
+@router.post("", dependencies=[AdminChange], responses=_ERRORS)
+async def replace_dataset(request: Request, require_eval: RequireEval = False) -> Any:
+    """Replace the whole dataset: validated, only new phrasings embedded, then swapped in atomically."""
+    try:
+        record = await _manager(request).replace(await request.body(), require_eval=require_eval)
+    except ChangeRefusedError as refused:
+        return _refused(refused)
+    return _changed(record)
+
+
+@router.put("/entries/{entry_id}", dependencies=[AdminChange], responses=_ERRORS)
+async def put_entry(
+    request: Request, entry_id: Annotated[str, Path(max_length=80)], require_eval: RequireEval = False
+) -> Any:
+    """Add the entry, or replace the one with this id (the body's `id`, when given, must match)."""
+    try:
+        body = await request.json()
+    except ValueError:
+        return JSONResponse(error_body(422, "Body is not valid JSON", "invalid_json"), status_code=422)
+    if not isinstance(body, dict):
+        return JSONResponse(error_body(422, "Body must be one entry (a JSON object)", "invalid_body"), status_code=422)
+    if body.setdefault("id", entry_id) != entry_id:
+        detail = f"The body's id {body['id']!r} is not the id in the path {entry_id!r}"
+        return JSONResponse(error_body(422, detail, "id_mismatch"), status_code=422)
+    try:
+        entry = Entry.model_validate(body)
+    except ValidationError as error:
+        detail, _ = describe_validation(error.errors())
+        errors = [
+            {"entry": entry_id, "field": ".".join(str(part) for part in item["loc"]), "message": item["msg"]}
+            for item in error.errors()
+        ]
+        return JSONResponse({**error_body(422, detail, "entry_invalid"), "errors": errors}, status_code=422)
+    try:
+        record = await _manager(request).put_entry(entry, require_eval=require_eval)
+    except ChangeRefusedError as refused:
+        return _refused(refused)
+    return _changed(record)
+
+
+@router.delete("/entries/{entry_id}", dependencies=[AdminChange], responses=_ERRORS)
+async def delete_entry(
+    request: Request, entry_id: Annotated[str, Path(max_length=80)], require_eval: RequireEval = False
+) -> Any:
+    """Remove one entry; its questions are declined (or answered by another entry) from then on."""
+    try:
+        record = await _manager(request).delete_entry(entry_id, require_eval=require_eval)
+    except ChangeRefusedError as refused:
+        return _refused(refused)
+    return _changed(record)
+
+
+@router.post("/rollback/{version}", dependencies=[AdminChange], responses=_ERRORS)
+async def rollback(request: Request, version: Annotated[int, Path(ge=1)], require_eval: RequireEval = False) -> Any:
+    """Make an earlier version's dataset live again (stored as a new version)."""
+    try:
+        record = await _manager(request).rollback(version, require_eval=require_eval)
+    except ChangeRefusedError as refused:
+        return _refused(refused)
+    return _changed(record)
