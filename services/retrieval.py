@@ -139,6 +139,8 @@ def train_classifier(
     """Fit the entry classifier on the knowledge base's own phrasings (deterministic). Blocking, CPU-heavy."""
     _, _, owners = _phrasings(knowledge_base)
     features = sparse.hstack([sparse.csr_matrix(phrasing_vectors), lexical.phrasings]).tocsr()
+    if len(knowledge_base) == 1:  # nothing to separate: a constant model
+        return ClassifierWeights(np.zeros((1, features.shape[1]), np.float32), np.zeros(1, np.float32))
     model = _classifier_model(jobs=2)
     model.fit(features, owners)
     return ClassifierWeights(model.coef_.astype(np.float32), model.intercept_.astype(np.float32))
@@ -163,6 +165,8 @@ def update_retriever(previous: Retriever, knowledge_base: KnowledgeBase, phrasin
     intercepts = np.zeros(len(knowledge_base), dtype=np.float32)
     for row, entry in enumerate(knowledge_base.entries):
         kept = before.get(entry.id)
+        if len(knowledge_base) == 1:  # nothing to separate: a constant model
+            continue
         if kept is not None and kept[1].phrasings() == entry.phrasings():
             coefficients[row] = previous.classifier.coefficients[kept[0]]
             intercepts[row] = previous.classifier.intercepts[kept[0]]

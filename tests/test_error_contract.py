@@ -26,6 +26,7 @@ ELSEWHERE = {
     "connection_limit": ("tests/test_connection_limits.py", "test_busy_server_still_answers_health_and_sheds"),
     "feedback_disabled": ("tests/test_feedback.py", "test_feedback_refused_when_the_question_log_is_off"),
     "database_unavailable": ("tests/test_database_outage.py", "test_database_outage_keeps_answering_and_recovers"),
+    "forbidden": ("tests/test_error_contract.py", "test_knowledge_base_changes_need_an_admin_token"),
 }
 
 
@@ -101,6 +102,30 @@ def produce(server: ServerProcess, reason: str) -> tuple[int, dict[str, object]]
             **feedback, json={"answer_id": "0" * 32, "rating": "wrong", "comment": "x" * 1001}
         ),
     }
+    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    kb = f"{base}/admin/knowledge-base"
+    made_up = {
+        "category": "tests",
+        "question": "What is the Quexlor walk token?",
+        "alternatives": ["quexlor walk token", "explain quexlor walk"],
+        "answer": "A made-up token the error walk adds to reach the no_change row.",
+    }
+    calls.update(
+        {
+            "dataset_invalid": lambda: httpx.post(kb, headers=admin, json=[{"id": "x"}], timeout=60),
+            "entry_invalid": lambda: httpx.put(f"{kb}/entries/x", headers=admin, json={"question": "hi"}),
+            "id_mismatch": lambda: httpx.put(f"{kb}/entries/x", headers=admin, json={**made_up, "id": "y"}),
+            "entry_not_found": lambda: httpx.delete(f"{kb}/entries/no-such-entry", headers=admin, timeout=60),
+            "version_not_found": lambda: httpx.post(f"{kb}/rollback/999", headers=admin, timeout=60),
+            "eval_regression": lambda: httpx.post(
+                kb, headers=admin, params={"require_eval": "true"}, json=[{**made_up, "id": "quexlor"}], timeout=300
+            ),
+        }
+    )
+    if reason == "no_change":
+        for _ in range(2):  # the second identical PUT changes nothing
+            response = httpx.put(f"{kb}/entries/quexlor-walk", headers=admin, json=made_up, timeout=120)
+        return response.status_code, response.json()
     if reason in calls:
         response = calls[reason]()
         return response.status_code, response.json()
@@ -153,3 +178,16 @@ def test_the_error_table_is_complete_and_every_row_is_real(strict: ServerProcess
         assert body == {"detail": body["detail"], "type": kind, "code": status, "reason": reason}, body
         assert isinstance(body["detail"], str) and body["detail"]
     assert httpx.get(f"{strict.base_url}/health", timeout=10).status_code == 200  # and it keeps serving
+
+
+def test_knowledge_base_changes_need_an_admin_token(server: ServerProcess) -> None:
+    """The default server has no ADMIN_TOKEN: it may not change its knowledge base over the API."""
+    response = httpx.delete(f"{server.base_url}/admin/knowledge-base/entries/what-is-aave", timeout=30)
+    assert response.status_code == 403
+    assert response.json() == {
+        "detail": "Set ADMIN_TOKEN to change the knowledge base over the API",
+        "type": "permission_error",
+        "code": 403,
+        "reason": "forbidden",
+    }
+    assert httpx.get(f"{server.base_url}/admin/knowledge-base", timeout=30).json()["version"] == 1
