@@ -7,6 +7,7 @@ rating from the same conversation replaces the first.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Literal
 
@@ -14,10 +15,17 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from infrastructure.metrics import ANSWER_FEEDBACK
 from infrastructure.tables import FeedbackRow
-from services.question_log import QuestionLog, QuestionLogUnavailableError, describe, utcnow
+from services.question_log import (
+    FLUSH_INTERVAL_SECONDS,
+    QuestionLog,
+    QuestionLogUnavailableError,
+    describe,
+    utcnow,
+)
 
 Rating = Literal["helpful", "wrong"]
 COMMENT_MAX_CHARS = 1000
+OTHER_QUEUES_SECONDS = 2 * FLUSH_INTERVAL_SECONDS
 
 
 class UnknownAnswerError(LookupError):
@@ -55,6 +63,9 @@ class FeedbackStore:
             raise FeedbackDisabledError("Feedback needs the question log, which is turned off on this server")
         try:
             answer = await self._log.find(answer_id)
+            if answer is None:  # another worker or replica may still hold it in its queue (flushed within 0.5 s)
+                await asyncio.sleep(OTHER_QUEUES_SECONDS)
+                answer = await self._log.find(answer_id)
         except QuestionLogUnavailableError as error:
             raise FeedbackUnavailableError(str(error)) from error
         if answer is None:

@@ -164,7 +164,8 @@ class QuestionLog:
             return True
 
     async def find(self, answer_id: str) -> LoggedAnswer | None:
-        """The logged answer with this id (flushing it first when it is still queued); None when unknown.
+        """The logged answer with this id (flushing it first when it is still queued); None when unknown or
+        older than the retention.
 
         Raises QuestionLogUnavailableError when the database cannot be reached.
         """
@@ -175,7 +176,7 @@ class QuestionLog:
                 row = (
                     await session.execute(
                         select(AnswerRow.id, AnswerRow.top_entry_id, AnswerRow.session_hash).where(
-                            AnswerRow.id == answer_id
+                            AnswerRow.id == answer_id, AnswerRow.created_at >= utcnow() - self._retention
                         )
                     )
                 ).first()

@@ -172,3 +172,37 @@ def postgres_cluster(request: pytest.FixtureRequest) -> PostgresCluster:
     request.addfinalizer(cluster.cleanup)
     cluster.start()
     return cluster
+
+
+# --- reading a server's database and metrics (the question log and feedback tests) ----------------------------
+
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+from sqlalchemy import text  # noqa: E402
+from sqlalchemy.ext.asyncio import create_async_engine  # noqa: E402
+
+from config import normalize_database_url  # noqa: E402
+from tests.postgres_server import run_blocking  # noqa: E402
+
+
+async def _database_rows(url: str, sql: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+    engine = create_async_engine(normalize_database_url(url))
+    try:
+        async with engine.connect() as connection:
+            return [dict(row._mapping) for row in await connection.execute(text(sql), params)]
+    finally:
+        await engine.dispose()
+
+
+def database_rows(url: str, sql: str, **params: Any) -> list[dict[str, Any]]:
+    """The rows of one SQL query on a server's database (any `DATABASE_URL` form), through SQLAlchemy's async engine."""
+    return run_blocking(_database_rows(url, sql, params))
+
+
+def metric_value(server: ServerProcess, name: str, **labels: str) -> float:
+    """One sample of the server's /metrics (0 when absent)."""
+    body = httpx.get(f"{server.base_url}/metrics", timeout=10).text
+    for family in text_string_to_metric_families(body):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return float(sample.value)
+    return 0.0
