@@ -708,6 +708,8 @@ def metric_delta(before: dict[str, float], after: dict[str, float]) -> dict[str,
         "mean_batch_size": round(texts / calls, 2) if calls else None,
         "model_busy_s": round(find("embedding_seconds_sum"), 3),
         "agent_s": round(delta("agent_processing_seconds_sum"), 3),
+        "question_log_rows_written": int(delta("question_log_written_total")),
+        "question_log_rows_dropped": int(delta("question_log_dropped_total")),
     }
 
 

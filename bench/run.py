@@ -4,8 +4,9 @@ Measures, in one run and against the real server (uvicorn via `python main.py` o
 baselines A (GET /health), B and C (the embedder alone, in this process, one at a time and in
 batches of 32); POST /ask with unique and with repeated questions (with wrk when installed, and the
 unique ones also with httpx, the client of the stream phases); SSE and WebSocket time to first
-word and to complete; many concurrent WebSocket connections; cold and warm start-up; server RSS.
-Prints a Markdown table and the ratios against the targets of issue 9 (met / not met, never
+word and to complete; many concurrent WebSocket connections; cold and warm start-up; server RSS;
+and unique POST /ask at c32 with the question log on and off (two more servers, `bench.log_cost`).
+Prints a Markdown table and the ratios against the targets of issues 9 and 16 (met / not met, never
 asserted), and writes everything as JSON (default bench/results/latest.json).
 """
 
@@ -33,7 +34,7 @@ from typing import Any
 import httpx
 import psutil  # type: ignore[import-untyped]
 
-from bench import loadgen
+from bench import loadgen, log_cost
 from bench.loadgen import (
     AskWorker,
     HealthWorker,
@@ -79,6 +80,15 @@ PHASES: dict[str, str] = {
     "startup_warm": "seconds",
     "rss_idle": "MB",
     "rss_under_load": "MB",
+    "question_log_on": "answers/s",
+    "question_log_off": "answers/s",
+    "question_log_ratio": "on ÷ off",
+}
+# The figures of the question-log comparison, read from its summary (`log_cost.SUMMARY`).
+LOG_COST_FIGURES = {
+    "question_log_on": "log_on_per_s",
+    "question_log_off": "log_off_per_s",
+    "question_log_ratio": "ratio",
 }
 
 
@@ -90,6 +100,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-requests", type=int, help="request budget per load phase (default 3000)")
     parser.add_argument("--smoke", action="store_true", help="tiny phases for CI: about 40 s, no cold start")
     parser.add_argument("--skip-cold-start", action="store_true", help="do not measure the cold start-up")
+    parser.add_argument(
+        "--only",
+        choices=["log-cost"],
+        help="run only this part: log-cost = unique /ask c32 with the question log on and off",
+    )
+    parser.add_argument(
+        "--log-rounds",
+        type=int,
+        default=2,
+        help="question-log comparison: rounds of one log-on and one log-off leg, in alternating order (default 2)",
+    )
     parser.add_argument(
         "--index-from",
         type=Path,
@@ -120,6 +141,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.ws_connections = args.ws_connections if args.ws_connections is not None else (20 if smoke else 1000)
     args.max_requests = args.max_requests if args.max_requests is not None else (300 if smoke else 3000)
     args.skip_cold_start = args.skip_cold_start or smoke
+    if args.log_rounds < 1:
+        parser.error("--log-rounds must be at least 1")
     try:
         args.server_env = dict(item.split("=", 1) for item in args.server_env)
     except ValueError:
@@ -405,7 +428,9 @@ def headline_figures(phases: dict[str, Any]) -> dict[str, float | None]:
     figures: dict[str, float | None] = {}
     for name in PHASES:
         phase = phases.get(name)
-        if phase is None:
+        if name in LOG_COST_FIGURES:
+            figures[name] = _get(phases, log_cost.SUMMARY, LOG_COST_FIGURES[name])
+        elif phase is None:
             figures[name] = None
         elif name.startswith("baseline_b") or name.startswith("baseline_c"):
             figures[name] = phase["questions_per_s"]
@@ -441,7 +466,7 @@ def stream_reference(phases: dict[str, Any], concurrency: int) -> str:
 
 
 def evaluate_targets(phases: dict[str, Any]) -> list[dict[str, Any]]:
-    """The targets of issue 9, each measured in this run: met, not met, or not measured."""
+    """The targets of issues 9 and 16, each measured in this run: met, not met, or not measured."""
 
     def throughput(name: str) -> Any:
         return _get(phases, name, "throughput_per_s")
@@ -521,6 +546,13 @@ def evaluate_targets(phases: dict[str, Any]) -> list[dict[str, Any]]:
         ),
         ("warm start-up to ready (s)", _get(phases, "startup_warm", "seconds"), "≤ 3 s", 3.0, "<="),
         ("idle server RSS (MB)", _get(phases, "rss_idle", "rss_mb"), "≤ 400 MB", 400.0, "<="),
+        (
+            "unique /ask c32, question log on ÷ off (same run, alternating legs)",
+            _get(phases, log_cost.SUMMARY, "ratio"),
+            f"≥ {log_cost.GOAL}",
+            log_cost.GOAL,
+            ">=",
+        ),
     ]
     compare = {
         ">=": lambda value, bound: value >= bound,
@@ -590,6 +622,8 @@ def render_table(results: dict[str, Any]) -> str:
         row(f"POST /ask unique, c{concurrency}", f"ask_unique_c{concurrency}")
     for concurrency in (1, 32):
         row(f"POST /ask unique, c{concurrency}, httpx (for the stream ratios)", f"ask_unique_c{concurrency}_httpx")
+    for label, name in log_cost.table_rows(phases):
+        row(label, name)
     row("POST /ask repeated (cache hits), c32", "ask_repeated_c32")
     for transport, label in (("sse", "SSE /ask-stream"), ("ws", "WebSocket /ws/ask")):
         for concurrency in (1, 32):
@@ -613,9 +647,10 @@ def render_table(results: dict[str, Any]) -> str:
             f"| … peak server RSS | {_fmt(_get(many, 'resources', 'server_rss_peak_mb'))} MB |",
         ]
     cold = phases.get("startup_cold")
-    cold_text = f"{cold['seconds']:.2f} s" if cold else "skipped"
-    extra.append(f"| start-up to ready, cold (empty cache dir) | {cold_text} |")
     warm = phases.get("startup_warm")
+    if cold or warm:
+        cold_text = f"{cold['seconds']:.2f} s" if cold else "skipped"
+        extra.append(f"| start-up to ready, cold (empty cache dir) | {cold_text} |")
     if warm:
         runs = ", ".join(f"{value:.2f}" for value in warm["runs"])
         extra.append(f"| start-up to ready, warm (same cache dir, restart) | {warm['seconds']:.2f} s (runs: {runs}) |")
@@ -626,6 +661,7 @@ def render_table(results: dict[str, Any]) -> str:
         extra.append(f"| server RSS under load (peak, phase {load['phase']}) | {_fmt(load['peak_rss_mb'])} MB |")
     if "rss_idle_after_load" in phases:
         extra.append(f"| server RSS idle after the load phases | {_fmt(phases['rss_idle_after_load']['rss_mb'])} MB |")
+    extra += log_cost.summary_lines(phases.get(log_cost.SUMMARY))
     return table + "\n" + "\n".join(extra)
 
 
@@ -668,6 +704,8 @@ def main(argv: list[str] | None = None) -> int:
             "max_requests_per_phase": args.max_requests,
             "http_tool_plain_http": args.http_tool,
             "server_env": {**loadgen_env(), **args.server_env},
+            "only": args.only,
+            "log_rounds": args.log_rounds,
         },
         "phases": {},
         "skipped": [],
@@ -677,8 +715,9 @@ def main(argv: list[str] | None = None) -> int:
     def log(message: str) -> None:
         print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
-    log(f"baselines B and C: the embedder alone in-process, {args.baseline_duration:g} s each")
-    phases.update(embedder_baselines(questions, args.baseline_duration))
+    if args.only is None:
+        log(f"baselines B and C: the embedder alone in-process, {args.baseline_duration:g} s each")
+        phases.update(embedder_baselines(questions, args.baseline_duration))
 
     work = Path(tempfile.mkdtemp(prefix="defi-bench-"))
     cache_dir = work / "cache"
@@ -686,34 +725,36 @@ def main(argv: list[str] | None = None) -> int:
     log_path = work / "server.log"
     server: BenchServer | None = None
     try:
-        if args.skip_cold_start:
-            results["skipped"].append("startup_cold")
-            seeded = seed_index(cache_dir, args.index_from) or seed_index(cache_dir)
-            server = BenchServer(cache_dir, log_path, args.server_env)
-            first = server.start_and_wait()
-            log(f"first start-up ({'index seeded' if seeded else 'cold'}): {first:.2f} s")
+        if args.only is None:
+            if args.skip_cold_start:
+                results["skipped"].append("startup_cold")
+                seeded = seed_index(cache_dir, args.index_from) or seed_index(cache_dir)
+                server = BenchServer(cache_dir, log_path, args.server_env)
+                first = server.start_and_wait()
+                log(f"first start-up ({'index seeded' if seeded else 'cold'}): {first:.2f} s")
+            else:
+                server = BenchServer(cache_dir, log_path, args.server_env)
+                cold = server.start_and_wait()
+                phases["startup_cold"] = {"seconds": round(cold, 3), "note": "empty cache dir: embeds the dataset"}
+                log(f"cold start-up: {cold:.2f} s")
             store_index(cache_dir)
             server.stop()
-        else:
-            server = BenchServer(cache_dir, log_path, args.server_env)
-            cold = server.start_and_wait()
-            phases["startup_cold"] = {"seconds": round(cold, 3), "note": "empty cache dir: embeds the dataset"}
-            log(f"cold start-up: {cold:.2f} s")
-            store_index(cache_dir)
-            server.stop()
-        warm_runs = []
-        for attempt in range(1 if args.smoke else 2):
-            if attempt:
-                server.stop()
-            server = BenchServer(cache_dir, log_path, args.server_env)
-            warm_runs.append(server.start_and_wait())
-            log(f"warm start-up: {warm_runs[-1]:.2f} s")
-        phases["startup_warm"] = {"seconds": round(max(warm_runs), 3), "runs": [round(v, 3) for v in warm_runs]}
+            warm_runs = []
+            for attempt in range(1 if args.smoke else 2):
+                if attempt:
+                    server.stop()
+                server = BenchServer(cache_dir, log_path, args.server_env)
+                warm_runs.append(server.start_and_wait())
+                log(f"warm start-up: {warm_runs[-1]:.2f} s")
+            phases["startup_warm"] = {"seconds": round(max(warm_runs), 3), "runs": [round(v, 3) for v in warm_runs]}
 
-        runner = Runner(args, pool, server)
-        _new_loop_runner()(runner.run())
-        phases.update(runner.phases)
-        results["skipped"] += runner.skipped
+            runner = Runner(args, pool, server)
+            _new_loop_runner()(runner.run())
+            phases.update(runner.phases)
+            results["skipped"] += runner.skipped
+            server.stop()  # the question-log comparison below has the machine to itself
+        index_source = cache_dir if args.only is None else args.index_from
+        phases.update(run_log_cost(args, work, questions, index_source, log))
     finally:
         if server is not None:
             server.stop()
@@ -748,9 +789,14 @@ def main(argv: list[str] | None = None) -> int:
         + sum(_get(phases[name], "server_metrics", "cache_disk_hits") or 0 for name in unique),
         "wrk_phases_out_of_questions": [name for name in unique if phases[name].get("exhausted")],
     }
+    summary = log_cost.summarize(phases)
+    if summary is not None:
+        phases[log_cost.SUMMARY] = summary
     results["figures"] = headline_figures(phases)
     results["figure_units"] = PHASES
     results["targets"] = evaluate_targets(phases)
+    if args.only is not None:  # a partial run reports only what it measured
+        results["targets"] = [target for target in results["targets"] if target["measured"] is not None]
     results["machine"]["load_average_at_end"] = [round(value, 2) for value in os.getloadavg()]
     results["total_seconds"] = round(time.perf_counter() - started, 1)
 
@@ -771,6 +817,30 @@ def main(argv: list[str] | None = None) -> int:
         f"total {results['total_seconds']} s; JSON: {args.output}"
     )
     return 0
+
+
+def run_log_cost(
+    args: argparse.Namespace, work: Path, questions: list[str], index_source: Path | None, log: Callable[[str], None]
+) -> dict[str, Any]:
+    """Unique /ask c32 on two fresh servers, question log on and off (`bench.log_cost`), in alternating legs.
+
+    The servers have their own empty caches, so they get their own questions: the file's first ones
+    again, the same ones to both (`--max-requests` per round).
+    """
+    warm_up, rounds = log_cost.question_rounds(QuestionPool(questions), args.log_rounds, args.max_requests)
+
+    def seed(directory: Path) -> bool:
+        return (index_source is not None and seed_index(directory, index_source)) or seed_index(directory)
+
+    servers = log_cost.seed_and_start(work / "log-cost", args.server_env, seed, seed_index, log)
+    try:
+        store_index(servers[True].cache_dir)
+        measure = log_cost.measure(servers, warm_up, rounds, args.duration, args.http_tool, log)
+        phases: dict[str, Any] = _new_loop_runner()(measure)
+    finally:
+        for server in servers.values():
+            server.stop()
+    return phases
 
 
 def loadgen_env() -> dict[str, str]:

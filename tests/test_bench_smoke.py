@@ -35,6 +35,9 @@ PHASES = [
     "startup_warm",
     "rss_idle",
     "rss_under_load",
+    "question_log_on",
+    "question_log_off",
+    "question_log_ratio",
 ]
 WRK_ONLY_PHASES = ["ask_unique_c1_httpx", "ask_unique_c32_httpx"]
 
@@ -74,3 +77,8 @@ def test_benchmark_smoke_run_reports_every_phase(tmp_path: Path, server: ServerP
     ]
     assert not missing, f"no figure for {missing}: {figures}"
     assert {target["target"] for target in results["targets"]}, "no target ratios reported"
+    # The question-log comparison ran its alternating legs, and only the log-on server wrote rows.
+    log_cost = results["phases"]["question_log_cost"]
+    assert len(log_cost["legs"]) == 4, log_cost
+    assert log_cost["rows_written_on"] > 0, log_cost
+    assert log_cost["rows_written_off"] == 0, log_cost
