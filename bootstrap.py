@@ -256,7 +256,13 @@ def build_question_log(settings: Settings, database: Database) -> QuestionLog:
 
 def build_insights(settings: Settings, services: Services, database: Database) -> Insights:
     """The insights over the question log, grouping declined questions with the service's own embedder."""
-    return Insights(database, services.embeddings, services.knowledge, settings.agent_similarity_threshold)
+    return Insights(
+        database,
+        services.embeddings,
+        services.knowledge,
+        settings.agent_similarity_threshold,
+        review_max_days=settings.kb_review_max_days,
+    )
 
 
 def build_knowledge_manager(settings: Settings, services: Services, versions: KnowledgeVersions) -> KnowledgeManager:

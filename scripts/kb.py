@@ -21,8 +21,7 @@ from typing import Any
 import httpx
 
 from config import get_settings
-from services.knowledge_admin import stale_entries
-from services.knowledge_base import check_dataset
+from services.knowledge_base import check_dataset, stale_entries
 
 TIMEOUT_SECONDS = 300.0  # a replace fits a new index when many entries changed
 

@@ -32,7 +32,7 @@ from infrastructure.database import Database
 from infrastructure.tables import AnswerRow, FeedbackRow
 from services.embeddings import EmbeddingService
 from services.knowledge import KnowledgeSnapshot, LiveKnowledge
-from services.knowledge_base import KnowledgeBase
+from services.knowledge_base import KnowledgeBase, stale_entries
 
 OUTCOMES = ("answered", "no_match", "generative", "fallback", "error")
 ANSWERED_OUTCOMES = ("answered", "generative", "fallback")
@@ -50,6 +50,7 @@ TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
     "disputed_entries": ("entry_id", "question", "wrong", "helpful", "comments"),
     "unused_entries": ("entry_id", "question"),
     "entry_usage": ("entry_id", "question", "uses"),
+    "stale_entries": ("entry_id", "question", "reviewed"),
     "answer_rate": ("start", "questions", *OUTCOMES, "answered_share"),
 }
 TABLES = tuple(TABLE_COLUMNS)  # the tables `?format=csv&table=<name>` and the terminal report show
@@ -230,6 +231,7 @@ class InsightsReport:
     disputed_entries: list[DisputedEntry] = field(default_factory=list)
     unused_entries: list[EntryRef] = field(default_factory=list)
     entry_usage: list[EntryUse] = field(default_factory=list)
+    stale_entries: list[dict[str, Any]] = field(default_factory=list)  # {"entry_id", "question", "reviewed"}
 
     def totals(self) -> dict[str, Any]:
         """Questions per outcome over the whole period, and the answered share."""
@@ -273,6 +275,7 @@ class InsightsReport:
             ],
             "unused_entries": self.table("unused_entries"),
             "entry_usage": self.table("entry_usage"),
+            "stale_entries": self.table("stale_entries"),
         }
 
     def table(self, name: str) -> list[dict[str, Any]]:
@@ -329,6 +332,8 @@ class InsightsReport:
             return [
                 {"entry_id": use.entry.id, "question": use.entry.question, "uses": use.uses} for use in self.entry_usage
             ]
+        if name == "stale_entries":
+            return list(self.stale_entries)
         raise KeyError(name)
 
 
@@ -354,12 +359,14 @@ class Insights:
         knowledge: LiveKnowledge,
         similarity_threshold: float,
         cluster_similarity: float = CLUSTER_SIMILARITY,
+        review_max_days: int = 180,
     ) -> None:
         self._database = database
         self._embeddings = embeddings
         self._knowledge = knowledge
         self._threshold = similarity_threshold
         self._cluster_similarity = cluster_similarity
+        self._review_max_days = review_max_days
         self._running = asyncio.Lock()  # one report at a time: it embeds up to MAX_DECLINED_TEXTS questions
 
     async def report(self, days: int, now: datetime | None = None) -> InsightsReport:
@@ -383,6 +390,12 @@ class Insights:
                 raise InsightsUnavailableError(f"{type(error).__name__}: {error}".splitlines()[0][:200]) from error
             report.missing_topics = await self._group_declined(declined, snapshot)
         report.declined_texts_clustered = len(declined)
+        knowledge_base = snapshot.knowledge_base
+        report.stale_entries = [
+            {"entry_id": item["entry"], "question": entry.question if entry else None, "reviewed": item["reviewed"]}
+            for item in stale_entries(knowledge_base, self._review_max_days)
+            for entry in [knowledge_base.by_id(item["entry"])]
+        ]
         return report
 
     async def _read(self, report: InsightsReport, knowledge_base: KnowledgeBase, now: datetime) -> list[_Declined]:

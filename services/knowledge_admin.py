@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +28,15 @@ from infrastructure.metrics import KNOWLEDGE_BASE_ENTRIES, KNOWLEDGE_BASE_RELOAD
 from services.embeddings import EmbeddingService
 from services.evaluation import LabelledQuestion, retrieval_figures
 from services.knowledge import KnowledgeSnapshot, LiveKnowledge, build_snapshot
-from services.knowledge_base import Entry, KnowledgeBase, Problem, check_dataset, dump_dataset, parse_dataset
+from services.knowledge_base import (
+    Entry,
+    KnowledgeBase,
+    Problem,
+    check_dataset,
+    dump_dataset,
+    parse_dataset,
+    stale_entries,
+)
 from services.knowledge_versions import KnowledgeVersion, KnowledgeVersions
 from services.retrieval import Retriever
 
@@ -43,7 +49,6 @@ MAX_EVAL_DROP = 0.02  # ?require_eval=true refuses a change whose hit@1 falls by
 NEAR_DUPLICATE = 0.95  # two entries whose questions are this similar (cosine) are probably one
 MAX_WARNINGS = 100
 INCREMENTAL_MAX_ENTRIES = 25  # changes touching more entries refit the whole classifier before going live
-_FIGURES = re.compile(r"\d")
 
 
 class ChangeRefusedError(Exception):
@@ -107,18 +112,6 @@ def diff_datasets(live: KnowledgeBase, proposed: KnowledgeBase) -> dict[str, lis
         "changed": [entry_id for entry_id in after if entry_id in before and after[entry_id] != before[entry_id]],
         "removed": [entry_id for entry_id in before if entry_id not in after],
     }
-
-
-def stale_entries(knowledge_base: KnowledgeBase, max_days: int, today: date | None = None) -> list[dict[str, Any]]:
-    """Entries whose answers hold figures (digits: fees, rates, dates, amounts) not reviewed for `max_days`."""
-    today = today or date.today()
-    stale = []
-    for entry in knowledge_base.entries:
-        if not _FIGURES.search(entry.answer):
-            continue
-        if entry.reviewed is None or (today - entry.reviewed).days > max_days:
-            stale.append({"entry": entry.id, "reviewed": entry.reviewed.isoformat() if entry.reviewed else None})
-    return stale
 
 
 def phrasing_warnings(retriever: Retriever, only: set[str] | None = None) -> list[dict[str, Any]]:

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
@@ -20,6 +20,7 @@ MAX_ENTRIES = 5000
 MAX_QUESTION_CHARS = 300
 MAX_ANSWER_CHARS = 4000
 MAX_ALTERNATIVES = 40
+_FIGURES = re.compile(r"\d")  # an answer with digits states figures: fees, rates, dates, amounts
 
 
 class DatasetError(ValueError):
@@ -185,3 +186,15 @@ def load_knowledge_base(path: Path) -> KnowledgeBase:
     except OSError as error:
         raise DatasetError(f"cannot read dataset {path}: {error.strerror or error}") from None
     return parse_dataset(raw, str(path))
+
+
+def stale_entries(knowledge_base: KnowledgeBase, max_days: int, today: date | None = None) -> list[dict[str, Any]]:
+    """Entries whose answers hold figures (digits: fees, rates, dates, amounts) not reviewed for `max_days`."""
+    today = today or date.today()
+    stale = []
+    for entry in knowledge_base.entries:
+        if not _FIGURES.search(entry.answer):
+            continue
+        if entry.reviewed is None or (today - entry.reviewed).days > max_days:
+            stale.append({"entry": entry.id, "reviewed": entry.reviewed.isoformat() if entry.reviewed else None})
+    return stale
