@@ -74,6 +74,8 @@ class Settings(BaseSettings):
     secret_key: SecretStr | None = None  # reserved: accepted but unused (nothing signs anything yet), so never required
     use_https: bool = False
     admin_token: SecretStr | None = None
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)  # client keys: /v1/* and /mcp
+    api_keys_required_everywhere: bool = False  # with API_KEYS: every question endpoint needs a key
     metrics_token: SecretStr | None = None
     # Host names served (comma list; `*.example.com` any subdomain, `*` any host); others get 400 (middleware/hosts.py)
     allowed_hosts: str = Field(
@@ -151,7 +153,7 @@ class Settings(BaseSettings):
     ws_max_queued_questions: int = Field(default=10, gt=0)
     ws_reference_lines: int = Field(default=3, ge=0, le=10)
 
-    @field_validator("allowed_origins", "trusted_proxies", mode="before")
+    @field_validator("allowed_origins", "trusted_proxies", "api_keys", mode="before")
     @classmethod
     def _split_comma_list(cls, value: object) -> object:
         if isinstance(value, str):
@@ -213,6 +215,8 @@ class Settings(BaseSettings):
                 raise ValueError("DEBUG must be false when ENVIRONMENT=production")
             if "*" in self.allowed_origins:
                 raise ValueError("ALLOWED_ORIGINS must not contain '*' when ENVIRONMENT=production")
+        if self.api_keys_required_everywhere and not self.api_keys:
+            raise ValueError("API_KEYS_REQUIRED_EVERYWHERE=true needs API_KEYS (comma-separated client keys)")
         if self.use_https and not self.trusted_proxies:
             # The service itself speaks plain HTTP (TLS ends at a proxy), and only a trusted proxy's
             # X-Forwarded-Proto says a request came over HTTPS: without one every request would redirect to itself.

@@ -82,6 +82,8 @@ class Question:
     text: str
     session: Session | None = None
     transport: str = "rest"
+    previous: str | None = None
+    """Without a session: the previous question of the conversation, given by the caller (OpenAI-style APIs)."""
 
 
 @dataclass(frozen=True)
@@ -131,6 +133,7 @@ class DeFiAgent:
         owner: str = "",
         adopt_id: bool = False,
         transport: str = "rest",
+        previous: str | None = None,
     ) -> Question:
         """Validate a question (raises InvalidQuestionError) and attach its session.
 
@@ -138,10 +141,12 @@ class DeFiAgent:
         `new_session` starts one when no id is given; otherwise the question is stateless. A new session
         counts against `owner` (the client); `adopt_id` creates it under `session_id` itself (an id this
         server announced but never stored). `transport` names the surface it came from, for the question log.
+        `previous` gives a stateless question its conversation (the question before it), as a session would.
         """
         text = clean_question(raw, self._settings.question_max_chars)
         if session_id is None and not new_session:
-            return Question(text, transport=transport)
+            before = clean_question(previous, self._settings.question_max_chars) if previous is not None else None
+            return Question(text, transport=transport, previous=before)
         session = await self._sessions.get_or_create(session_id, owner, adopt_id=adopt_id)
         return Question(text, session, transport)
 
@@ -227,9 +232,10 @@ class DeFiAgent:
     def _input(question: Question, streaming: bool) -> InputState:
         session = question.session
         last = session.turns[-1] if session is not None and session.turns else None
+        previous = last.resolved_question if last is not None else question.previous
         return {
             "question": question.text,
-            "previous_question": last.resolved_question if last is not None else None,
+            "previous_question": previous,
             "previous_subjects": last.subjects if last is not None else None,
             "previous_entry": last.sources[0].id if last is not None and last.sources else None,
             "session_id": session.id if session is not None else None,

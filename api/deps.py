@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
@@ -37,10 +38,48 @@ def from_state(name: str) -> Callable[[HTTPConnection], Awaitable[Any]]:
     return dependency
 
 
+def presented_api_key(connection: HTTPConnection) -> str | None:
+    """The API key the client presented (`Authorization: Bearer <key>`, or `?api_key=` on a WebSocket) when it is
+    one of API_KEYS; None otherwise. Every configured key is compared, in constant time."""
+    keys: list[SecretStr] = getattr(connection.app.state.settings, "api_keys", [])
+    if not keys:
+        return None
+    given = _bearer_token(connection)
+    if given is None and connection.scope["type"] == "websocket":
+        given = connection.query_params.get("api_key") or None
+    if given is None:
+        return None
+    matches = [secrets.compare_digest(given.encode(), key.get_secret_value().encode()) for key in keys]
+    return given if any(matches) else None
+
+
 def client_key(connection: HTTPConnection) -> str:
-    """The client's address (the forwarded one when the peer is a trusted proxy): budgets and session caps."""
+    """Who spends a budget and owns sessions: the API key (hashed) when one is presented, else the client's
+    address (the forwarded one when the peer is a trusted proxy)."""
+    key = presented_api_key(connection)
+    if key is not None:
+        return "key:" + hashlib.sha256(key.encode()).hexdigest()[:16]
     peer = connection.client.host if connection.client else None
     return client_address(peer, connection.headers, connection.app.state.trusted_networks)
+
+
+def api_key_required(connection: HTTPConnection, everywhere: bool = False) -> bool:
+    """Whether this request lacks a key it needs: /v1/* and /mcp with API_KEYS, every question endpoint also with
+    API_KEYS_REQUIRED_EVERYWHERE."""
+    settings: Settings = connection.app.state.settings
+    if not settings.api_keys or (everywhere and not settings.api_keys_required_everywhere):
+        return False
+    return presented_api_key(connection) is None
+
+
+async def require_api_key(request: Request) -> None:
+    """401 unless the request carries one of API_KEYS (nothing to check when API_KEYS is unset)."""
+    if api_key_required(request):
+        raise HTTPException(
+            401,
+            "This endpoint requires an API key: 'Authorization: Bearer <key>'",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
 
 
 async def spend_budget(connection: HTTPConnection, route: str) -> dict[str, str]:
@@ -61,6 +100,12 @@ async def spend_question_budget(request: Request) -> None:
 
     The X-RateLimit-* headers go on whatever response follows, errors included (RequestContextMiddleware).
     """
+    if api_key_required(request, everywhere=True):
+        raise HTTPException(
+            401,
+            "This server requires an API key: 'Authorization: Bearer <key>'",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
     headers = await spend_budget(request, route_template(request.scope))
     request.scope.setdefault("state", {})[RATE_LIMIT_HEADERS_KEY] = [
         (name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()
@@ -86,7 +131,7 @@ async def accept_question(
     return question
 
 
-def _bearer_token(request: Request) -> str | None:
+def _bearer_token(request: HTTPConnection) -> str | None:
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     return (token.strip() or None) if scheme.lower() == "bearer" else None
 
@@ -125,6 +170,7 @@ async def require_metrics_token(request: Request) -> None:
 
 
 QuestionBudget = Depends(spend_question_budget)
+ApiKey = Depends(require_api_key)
 AdminOnly = Depends(require_admin)
 AdminPage = Depends(require_admin_page)
 MetricsAuth = Depends(require_metrics_token)

@@ -22,7 +22,7 @@ from starlette.websockets import WebSocketState
 from agents.agent import DeFiAgent, Question
 from agents.events import CompleteEvent, ErrorEvent, MetadataEvent, WordEvent
 from agents.validation import InvalidQuestionError
-from api.deps import client_key, spend_budget
+from api.deps import api_key_required, client_key, spend_budget
 from api.routes.feedback import FeedbackRefusedError, submit_feedback
 from api.schemas import FeedbackRequest
 from config import Settings
@@ -386,6 +386,9 @@ async def websocket_ask(websocket: WebSocket) -> None:
     if not origin_allowed(websocket, settings.allowed_origins):
         logger.warning("websocket_origin_refused", origin=websocket.headers.get("origin"))
         await websocket.close(code=POLICY_VIOLATION, reason="origin not allowed")
+        return
+    if api_key_required(websocket, everywhere=True):  # browsers cannot set headers here: `?api_key=` also works
+        await websocket.close(code=POLICY_VIOLATION, reason="api key required")
         return
     await websocket.accept()
     WEBSOCKET_CONNECTIONS.inc()
