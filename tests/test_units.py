@@ -67,8 +67,9 @@ def test_loader_normalises_and_hashes(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("entries", "message"),
     [
-        ([GOOD, GOOD], "entry #1 (id='what-is-x'): duplicate id"),
-        ([{**GOOD, "question": "   "}], "entry #0 (id='what-is-x'): question"),
+        ([GOOD, GOOD], "what-is-x: id: duplicate id 'what-is-x'"),
+        ([{**GOOD, "question": "   "}], "what-is-x: question: "),
+        ([{**GOOD, "id": 7}], "#0: id: "),  # no usable id: named by its position
         ([{**GOOD, "alternatives": ["only one"]}], "alternatives"),
         ([{**GOOD, "id": "Bad Id"}], "kebab-case"),
         ([{k: v for k, v in GOOD.items() if k != "answer"}], "answer: Field required"),
