@@ -119,6 +119,14 @@ def test_two_replicas_share_one_database(
         assert rater == {"rater_hash": expected_hash}
         assert metric_value(a, "answer_feedback_total", rating="wrong") == 2
         assert metric_value(b, "answer_feedback_total", rating="helpful") == 1
+
+        # The insights on either replica read every row (PostgreSQL's per-hour grouping included).
+        for replica in (a, b):
+            insights = httpx.get(f"{replica.base_url}/admin/insights", params={"days": 1}, timeout=60).json()
+            assert insights["totals"]["questions"] == 4 and insights["totals"]["answered"] == 4
+            assert sum(row["questions"] for row in insights["answer_rate"]["rows"]) == 4
+            disputed = {item["entry_id"]: item["wrong"] for item in insights["disputed_entries"]}
+            assert disputed[first["sources"][0]["id"]] == 1
     finally:
         a.stop()  # before `postgres_url` drops the database
         b.stop()
