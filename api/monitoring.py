@@ -31,7 +31,16 @@ Status = Literal["healthy", "degraded", "unhealthy"]
 _RANK: dict[Status, int] = {"healthy": 0, "degraded": 1, "unhealthy": 2}
 
 MONITORING_ROUTES = frozenset(
-    {"/health", "/health-status", "/metrics", "/system-metrics", "/performance-stats", "/dashboard", "/static/{name}"}
+    {
+        "/health",
+        "/health-status",
+        "/metrics",
+        "/system-metrics",
+        "/performance-stats",
+        "/dashboard",
+        "/admin/insights",
+        "/static/{name}",
+    }
 )
 """Probes, scrapes and the dashboard's own polling: kept out of the request window so it shows real traffic."""
 

@@ -49,6 +49,7 @@ MAX_EVAL_DROP = 0.02  # ?require_eval=true refuses a change whose hit@1 falls by
 NEAR_DUPLICATE = 0.95  # two entries whose questions are this similar (cosine) are probably one
 MAX_WARNINGS = 100
 INCREMENTAL_MAX_ENTRIES = 25  # changes touching more entries refit the whole classifier before going live
+REFIT_DELAY_SECONDS = 30.0  # quiet time after the last change before the full fit of a provisional snapshot
 
 
 class ChangeRefusedError(Exception):
@@ -381,7 +382,13 @@ class KnowledgeManager:
         )
 
     def _refine_later(self, snapshot: KnowledgeSnapshot) -> None:
-        """After a provisional snapshot went live: fit the whole classifier in the background, then swap it in."""
+        """After a provisional snapshot went live: fit the whole classifier in the background, then swap it in.
+
+        The fit waits REFIT_DELAY_SECONDS first, and a newer change cancels a waiting one: a burst of edits
+        costs one full fit, not one per edit, and the quick updates of the burst do not compete with it.
+        """
+        for task in self._refining:
+            task.cancel()
         if not snapshot.provisional:
             return
         task = asyncio.create_task(self._refine(snapshot))
@@ -389,6 +396,9 @@ class KnowledgeManager:
         task.add_done_callback(self._refining.discard)
 
     async def _refine(self, provisional: KnowledgeSnapshot) -> None:
+        await asyncio.sleep(REFIT_DELAY_SECONDS)
+        if self._live.current is not provisional:
+            return
         try:
             refined = await self._build(provisional.knowledge_base, provisional, provisional.version, full=True)
         except Exception as error:  # the provisional snapshot keeps serving; the next change tries again

@@ -70,7 +70,7 @@ def test_invalid_dataset_stops_startup_naming_the_entry(tmp_path: Path) -> None:
     result = run_main({"DATASET_PATH": str(dataset), "CACHE_DIR": str(tmp_path / "cache")})
     assert result.returncode != 0
     output = result.stderr + result.stdout
-    assert "entry #1 (id='b')" in output
+    assert "bad.json: b: answer: String should have at least 20 characters" in output
     assert "answer" in output
     assert "Traceback" not in output
 

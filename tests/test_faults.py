@@ -268,10 +268,10 @@ GOOD_ENTRY = {
     [
         (
             json.dumps([GOOD_ENTRY, {**GOOD_ENTRY, "question": "What is a again?"}]),
-            "entry #1 (id='a'): duplicate id 'a'",
+            "a: id: duplicate id 'a'",
         ),
-        (json.dumps({"entries": [GOOD_ENTRY]})[:-7], "is not valid JSON"),
-        (json.dumps({"entries": []}), "must hold a non-empty list of entries"),
+        (json.dumps({"entries": [GOOD_ENTRY]})[:-7], "dataset: json: not valid JSON"),
+        (json.dumps({"entries": []}), "dataset: entries: must be a non-empty list of entries"),
     ],
     ids=["duplicate-ids", "invalid-json", "no-entries"],
 )

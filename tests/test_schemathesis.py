@@ -127,6 +127,7 @@ class RunResult:
     output: str
     cases: int
     operations_tested: int
+    operations_total: int
     statuses: dict[int, int]
     server_errors: list[str]
     failures: list[dict[str, Any]]
@@ -248,6 +249,7 @@ def run(server: ServerProcess, tmp_path_factory: pytest.TempPathFactory) -> RunR
         output=output,
         cases=cases,
         operations_tested=summary["operations"]["tested"],
+        operations_total=summary["operations"]["total"],
         statuses=dict(sorted(statuses.items())),
         server_errors=server_errors,
         failures=failures,
@@ -271,7 +273,8 @@ def run(server: ServerProcess, tmp_path_factory: pytest.TempPathFactory) -> RunR
 def test_every_operation_gets_hundreds_of_cases(run: RunResult, capsys: pytest.CaptureFixture[str]) -> None:
     with capsys.disabled():
         print("\n" + run.summary)
-    assert run.operations_tested == 8, run.output[-3000:]
+    # Every operation /openapi.json lists (the question, session, feedback, operator and admin endpoints).
+    assert run.operations_tested == run.operations_total >= 16, run.output[-3000:]
     assert run.cases >= MIN_CASES, run.output[-3000:]
     assert not run.errors, run.errors
 
