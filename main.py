@@ -11,8 +11,9 @@ from asgi_correlation_id import CorrelationIdMiddleware
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
+from api.mcp_server import build_mcp_server, mount_mcp, run_mcp
 from api.monitoring import Monitoring, warn_if_operator_endpoints_open
-from api.routes import admin, ask, feedback, health, knowledge_admin, operations, stream, ui, websocket
+from api.routes import admin, ask, feedback, health, knowledge_admin, openai_api, operations, stream, ui, websocket
 from bootstrap import build_rate_limiter, load_seed_or_exit, start_services, stop_services
 from config import APP_VERSION, Settings, get_settings
 from infrastructure.logging import configure_logging
@@ -49,8 +50,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     state.knowledge_manager = services.knowledge_manager
     warn_if_operator_endpoints_open(settings)
     logger.info("service_ready", host=settings.host, port=settings.port, environment=settings.environment)
+    mcp = build_mcp_server(services.agent, services.knowledge, services.embeddings, settings.question_max_chars)
     try:
-        yield
+        async with run_mcp(mcp) as state.mcp:  # the MCP session manager runs inside the services' lifetime
+            yield
     finally:
         await stop_services(services)
         mark_process_dead()
@@ -116,11 +119,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(ask.router)
     app.include_router(feedback.router)
     app.include_router(stream.router)
+    app.include_router(openai_api.router)
     app.include_router(websocket.router)
     app.include_router(operations.router)
     app.include_router(knowledge_admin.router)
     app.include_router(admin.router)
     app.include_router(ui.router)
+    mount_mcp(app)
     return app
 
 

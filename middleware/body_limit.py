@@ -1,5 +1,5 @@
 """Refuse request bodies over MAX_BODY_BYTES (ADMIN_MAX_BODY_BYTES under /admin/) with 413, by Content-Length
-or while reading."""
+or while reading (in OpenAI's error shape under /v1/, see infrastructure/error_format.py)."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ class BodySizeLimitMiddleware:
         limit = self.admin_max_bytes if scope["path"].startswith("/admin/") else self.max_bytes
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
-            await self._reject(send, declared.isdigit(), limit)
+            await self._reject(send, declared.isdigit(), limit, scope["path"])
             return
         received = 0
         response_started = False
@@ -55,13 +55,13 @@ class BodySizeLimitMiddleware:
             await self.app(scope, limited_receive, tracking_send)
         except BodyTooLargeError:
             if not response_started:
-                await self._reject(send, True, limit)
+                await self._reject(send, True, limit, scope["path"])
 
-    async def _reject(self, send: Send, too_large: bool, limit: int) -> None:
+    async def _reject(self, send: Send, too_large: bool, limit: int, path: str) -> None:
         status = 413 if too_large else 400
         detail = (
             f"Request body is larger than the {limit}-byte limit"
             if too_large
             else "Content-Length header is not a number"
         )
-        await send_error(send, status, detail)
+        await send_error(send, status, detail, path=path)

