@@ -21,6 +21,7 @@ from agents.agent import AgentUnavailableError, SessionBusyError
 from agents.validation import InvalidQuestionError
 from infrastructure.error_format import error_body, error_for_path, openai_path
 from infrastructure.rate_limit import RateLimitExceededError
+from services.knowledge_admin import ChangeRefusedError
 from services.sessions import SessionStoreUnavailableError
 
 logger = structlog.get_logger(__name__)
@@ -161,6 +162,13 @@ async def _session_store_handler(request: Request, error: Exception) -> JSONResp
     return error_response_for(request, 503, str(error), "session_store_unavailable", headers={"Retry-After": "5"})
 
 
+async def _change_refused_handler(request: Request, error: Exception) -> JSONResponse:
+    """A knowledge-base change that was not applied: the error format, plus `errors` or `eval` when there are."""
+    assert isinstance(error, ChangeRefusedError)
+    body = {**error_body(error.status, error.detail, error.reason), **error.extra}
+    return JSONResponse(body, status_code=error.status)
+
+
 async def _database_handler(request: Request, error: Exception) -> JSONResponse:
     logger.warning("database_error", path=request.url.path, error=type(error).__name__)
     detail = "The database cannot be reached; retry shortly"
@@ -195,5 +203,6 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(SessionStoreUnavailableError, _session_store_handler)
     app.add_exception_handler(SessionBusyError, _session_busy_handler)
     app.add_exception_handler(SQLAlchemyError, _database_handler)
+    app.add_exception_handler(ChangeRefusedError, _change_refused_handler)
     app.add_exception_handler(RateLimitExceededError, _rate_limited_handler)
     app.add_exception_handler(Exception, _unexpected_handler)

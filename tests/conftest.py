@@ -206,3 +206,21 @@ def metric_value(server: ServerProcess, name: str, **labels: str) -> float:
             if sample.name == name and sample.labels == labels:
                 return float(sample.value)
     return 0.0
+
+
+# --- Redis (tests/redis_server.py): a redis-server of the module's own, on a free port ----------------------
+
+from tests.redis_server import REDIS_SERVER, RedisServer  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A redis-server for this test module (tests may freeze and thaw it); never left frozen."""
+    if REDIS_SERVER is None:
+        pytest.skip("redis-server is not installed (make system-deps)")
+    server = RedisServer(Path(tmp_path_factory.mktemp("redis")))
+    server.start()
+    yield server
+    if server.process is not None and server.process.poll() is None:
+        server.thaw()
+    server.stop()

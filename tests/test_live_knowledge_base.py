@@ -15,7 +15,7 @@ import asyncio
 import json
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,14 +69,6 @@ class Cluster:
     database_url: str
     env: dict[str, str]
     dataset: Path
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    redis = RedisServer(Path(tmp_path_factory.mktemp("redis")))
-    redis.start()
-    yield redis
-    redis.stop()
 
 
 def dataset_copy(directory: Path, content: bytes | None = None) -> Path:

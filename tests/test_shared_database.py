@@ -9,9 +9,8 @@ with the same session hash, and an answer given by A can be rated through B.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -26,14 +25,6 @@ pytestmark = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is no
 
 SALT_KEY = "session_hash_salt"
 WAIT_SECONDS = 20.0
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    redis = RedisServer(Path(tmp_path_factory.mktemp("redis")))
-    redis.start()
-    yield redis
-    redis.stop()
 
 
 def ask(server: ServerProcess, question: str, session_id: str | None = None) -> dict[str, Any]:

@@ -2,7 +2,8 @@
 
 Reading needs the ADMIN_TOKEN bearer when one is set (as /dashboard). Changing (and validating, which
 builds a whole index) needs ADMIN_TOKEN to be set at all: without one these endpoints answer 403.
-Bodies may be up to ADMIN_MAX_BODY_BYTES (a whole dataset), not MAX_BODY_BYTES.
+Bodies may be up to ADMIN_MAX_BODY_BYTES (a whole dataset), not MAX_BODY_BYTES. A refused change raises
+ChangeRefusedError, answered in the error format by middleware/errors.py.
 """
 
 from __future__ import annotations
@@ -10,13 +11,11 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
-from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from api.deps import AdminOnly, require_admin
 from api.schemas import ErrorResponse
 from config import Settings
-from infrastructure.error_format import error_body
 from middleware.errors import describe_validation
 from services.knowledge_admin import ChangeRefusedError, KnowledgeManager
 from services.knowledge_base import Entry
@@ -54,12 +53,6 @@ def _manager(request: Request) -> KnowledgeManager:
     return manager
 
 
-def _refused(refused: ChangeRefusedError) -> JSONResponse:
-    return JSONResponse(
-        {**error_body(refused.status, refused.detail, refused.reason), **refused.extra}, status_code=refused.status
-    )
-
-
 def _changed(record: KnowledgeVersion) -> dict[str, Any]:
     return {"status": "live", **record.to_wire()}
 
@@ -88,11 +81,7 @@ async def validate_dataset(request: Request) -> dict[str, Any]:
 @router.post("", dependencies=[AdminChange], responses=_ERRORS)
 async def replace_dataset(request: Request, require_eval: RequireEval = False) -> Any:
     """Replace the whole dataset: validated, only new phrasings embedded, then swapped in atomically."""
-    try:
-        record = await _manager(request).replace(await request.body(), require_eval=require_eval)
-    except ChangeRefusedError as refused:
-        return _refused(refused)
-    return _changed(record)
+    return _changed(await _manager(request).replace(await request.body(), require_eval=require_eval))
 
 
 @router.put("/entries/{entry_id}", dependencies=[AdminChange], responses=_ERRORS)
@@ -103,12 +92,13 @@ async def put_entry(
     try:
         body = await request.json()
     except ValueError:
-        return JSONResponse(error_body(422, "Body is not valid JSON", "invalid_json"), status_code=422)
+        raise ChangeRefusedError(422, "Body is not valid JSON", "invalid_json") from None
     if not isinstance(body, dict):
-        return JSONResponse(error_body(422, "Body must be one entry (a JSON object)", "invalid_body"), status_code=422)
+        raise ChangeRefusedError(422, "Body must be one entry (a JSON object)", "invalid_body")
     if body.setdefault("id", entry_id) != entry_id:
-        detail = f"The body's id {body['id']!r} is not the id in the path {entry_id!r}"
-        return JSONResponse(error_body(422, detail, "id_mismatch"), status_code=422)
+        raise ChangeRefusedError(
+            422, f"The body's id {body['id']!r} is not the id in the path {entry_id!r}", "id_mismatch"
+        )
     try:
         entry = Entry.model_validate(body)
     except ValidationError as error:
@@ -117,12 +107,8 @@ async def put_entry(
             {"entry": entry_id, "field": ".".join(str(part) for part in item["loc"]), "message": item["msg"]}
             for item in error.errors()
         ]
-        return JSONResponse({**error_body(422, detail, "entry_invalid"), "errors": errors}, status_code=422)
-    try:
-        record = await _manager(request).put_entry(entry, require_eval=require_eval)
-    except ChangeRefusedError as refused:
-        return _refused(refused)
-    return _changed(record)
+        raise ChangeRefusedError(422, detail, "entry_invalid", errors=errors) from None
+    return _changed(await _manager(request).put_entry(entry, require_eval=require_eval))
 
 
 @router.delete("/entries/{entry_id}", dependencies=[AdminChange], responses=_ERRORS)
@@ -130,18 +116,10 @@ async def delete_entry(
     request: Request, entry_id: Annotated[str, Path(max_length=80)], require_eval: RequireEval = False
 ) -> Any:
     """Remove one entry; its questions are declined (or answered by another entry) from then on."""
-    try:
-        record = await _manager(request).delete_entry(entry_id, require_eval=require_eval)
-    except ChangeRefusedError as refused:
-        return _refused(refused)
-    return _changed(record)
+    return _changed(await _manager(request).delete_entry(entry_id, require_eval=require_eval))
 
 
 @router.post("/rollback/{version}", dependencies=[AdminChange], responses=_ERRORS)
 async def rollback(request: Request, version: Annotated[int, Path(ge=1)], require_eval: RequireEval = False) -> Any:
     """Make an earlier version's dataset live again (stored as a new version)."""
-    try:
-        record = await _manager(request).rollback(version, require_eval=require_eval)
-    except ChangeRefusedError as refused:
-        return _refused(refused)
-    return _changed(record)
+    return _changed(await _manager(request).rollback(version, require_eval=require_eval))
