@@ -65,10 +65,10 @@ def shared_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def start_server(
+def server_factory(
     tmp_path_factory: pytest.TempPathFactory, shared_cache_dir: Path
 ) -> Iterator[Callable[..., ServerProcess]]:
-    """A factory: `start_server(**env)` starts a configured server, stopped at the end of the session."""
+    """Starts configured servers for the session-wide fixtures; anything still running stops with the session."""
     started: list[ServerProcess] = []
 
     def start(**env: str) -> ServerProcess:
@@ -86,10 +86,28 @@ def start_server(
         server.stop()
 
 
+@pytest.fixture(scope="module")
+def start_server(server_factory: Callable[..., ServerProcess]) -> Iterator[Callable[..., ServerProcess]]:
+    """A factory: `start_server(**env)` starts a configured server, stopped when the test module ends.
+
+    Servers hold ~400 MB each: kept for the whole session, the suite's fifty would not fit in memory.
+    """
+    started: list[ServerProcess] = []
+
+    def start(**env: str) -> ServerProcess:
+        server = server_factory(**env)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
 @pytest.fixture(scope="session")
-def server(start_server: Callable[..., ServerProcess]) -> ServerProcess:
+def server(server_factory: Callable[..., ServerProcess]) -> ServerProcess:
     """The default server, shared by most tests."""
-    return start_server()
+    return server_factory()
 
 
 @pytest.fixture()
@@ -135,12 +153,14 @@ def fake_openai() -> Iterator[FakeOpenAIServer]:
 
 @pytest.fixture(scope="session")
 def openai_stack(
-    start_server: Callable[..., ServerProcess], fake_openai: FakeOpenAIServer, tmp_path_factory: pytest.TempPathFactory
+    server_factory: Callable[..., ServerProcess],
+    fake_openai: FakeOpenAIServer,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> OpenAIStack:
     """One server on the fake API for the session (its own cache directory, so its index is its own)."""
     cache_dir = tmp_path_factory.mktemp("openai-cache")
     fake_openai.reset()
-    server = start_server(**openai_env(fake_openai, cache_dir))
+    server = server_factory(**openai_env(fake_openai, cache_dir))
     return OpenAIStack(server, fake_openai, fake_openai.stats(), cache_dir)
 
 
