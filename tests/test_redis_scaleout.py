@@ -29,7 +29,6 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
 from websockets.sync.client import connect
 
@@ -39,7 +38,7 @@ from services.embedding_cache import SharedCache, cache_key
 from services.embedding_providers import LocalMiniLMProvider
 from services.sessions import RedisSessionStore, SessionStoreUnavailableError, Turn
 from services.sources import Source
-from tests.conftest import ServerProcess, free_port, poll_until
+from tests.conftest import ServerProcess, free_port, metric_value, poll_until
 from tests.redis_server import REDIS_SERVER, RedisServer
 
 pytestmark = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed (make system-deps)")
@@ -101,16 +100,6 @@ def turns(server: ServerProcess, session_id: str) -> list[dict[str, Any]]:
 
 def sse_events(response: httpx.Response) -> list[dict[str, Any]]:
     return [json.loads(line[5:]) for line in response.text.splitlines() if line.startswith("data:")]
-
-
-def metric(server: ServerProcess, name: str, **labels: str) -> float:
-    """One sample of /metrics (0 when absent)."""
-    text = httpx.get(f"{server.base_url}/metrics", timeout=10).text
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and sample.labels == labels:
-                return float(sample.value)
-    return 0.0
 
 
 def wait_until(check: Callable[[], Any], timeout: float = WAIT_SECONDS, interval: float = 0.1) -> Any:
@@ -296,16 +285,16 @@ def test_embedding_computed_on_one_replica_is_a_shared_hit_on_the_other(
     a, b = replicas
     question = f"What is a flash loan, {uuid.uuid4().hex[:10]}?"
     key = SharedCache.PREFIX + cache_key(LocalMiniLMProvider.model_id, question)
-    hits_before = metric(b, "embedding_cache_requests_total", layer="shared", result="hit")
-    calls_before = metric(b, "embedding_batch_size_count")
+    hits_before = metric_value(b, "embedding_cache_requests_total", layer="shared", result="hit")
+    calls_before = metric_value(b, "embedding_batch_size_count")
     assert post(a, "/ask", {"question": question}).status_code == 200
     with shared_redis.client() as redis:
         stored = redis.get(key)
         assert isinstance(stored, bytes) and len(stored) == 384 * 4  # float32 vector
         assert 0 < redis.ttl(key) <= 30 * 86_400
     assert post(b, "/ask", {"question": question}).status_code == 200
-    assert metric(b, "embedding_cache_requests_total", layer="shared", result="hit") == hits_before + 1
-    assert metric(b, "embedding_batch_size_count") == calls_before  # B never ran the model for it
+    assert metric_value(b, "embedding_cache_requests_total", layer="shared", result="hit") == hits_before + 1
+    assert metric_value(b, "embedding_batch_size_count") == calls_before  # B never ran the model for it
 
 
 def test_concurrent_turns_on_one_session_across_replicas_are_all_recorded(
@@ -359,11 +348,10 @@ def test_two_workers_share_sessions_budget_and_metrics(two_workers: ServerProces
     assert Counter(statuses) == {200: LIMIT, 429: 10 - LIMIT}
 
     for _ in range(4):  # whichever worker answers the scrape reports the totals of both
-        assert metric(two_workers, "http_requests_total", method="POST", route="/v2/ask", status="200") == 1 + len(
-            follow_ups
-        )
-        assert metric(two_workers, "http_requests_total", method="POST", route="/ask", status="200") == LIMIT
-        assert metric(two_workers, "http_requests_total", method="POST", route="/ask", status="429") == 10 - LIMIT
+        answered = metric_value(two_workers, "http_requests_total", method="POST", route="/v2/ask", status="200")
+        assert answered == 1 + len(follow_ups)
+        assert metric_value(two_workers, "http_requests_total", method="POST", route="/ask", status="200") == LIMIT
+        assert metric_value(two_workers, "http_requests_total", method="POST", route="/ask", status="429") == 10 - LIMIT
 
 
 # --- Redis goes away and comes back ------------------------------------------------------------------------
@@ -439,8 +427,8 @@ def test_redis_outage_and_recovery_without_restart(
     assert health["components"]["redis"] == "unhealthy"
     assert "session endpoints answer 503" in health["component_details"]["redis"]["detail"]
     assert health["metrics"]["active_sessions"] is None
-    assert metric(server, "shared_storage_errors_total", component="sessions") > 0
-    assert metric(server, "shared_storage_errors_total", component="rate_limit") > 0
+    assert metric_value(server, "shared_storage_errors_total", component="sessions") > 0
+    assert metric_value(server, "shared_storage_errors_total", component="rate_limit") > 0
 
     outage_redis.start()  # same port, empty: the old session is gone, as after any Redis restart
     wait_until(lambda: httpx.post(f"{base}/v2/ask", json={"question": "What is Aave?"}, timeout=10).status_code == 200)
