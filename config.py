@@ -93,6 +93,7 @@ class Settings(BaseSettings):
     max_request_header_bytes: int = Field(default=32_768, ge=1024, le=1_048_576)  # request line + headers; 431
     request_header_timeout_seconds: float = Field(default=10.0, gt=0, le=300)  # to receive them all; then 408
     keep_alive_timeout_seconds: int = Field(default=5, ge=1, le=300)  # idle keep-alive connections are closed
+    graceful_shutdown_seconds: int = Field(default=10, ge=1, le=300)  # on SIGTERM: open requests, streams, sockets
 
     # Agent and retrieval
     agent_similarity_threshold: float = Field(default=0.40, ge=0.0, le=1.0)

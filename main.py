@@ -156,7 +156,7 @@ def run() -> None:
             # for the operator endpoints, and idle connections closed to make room.
             http=LimitedHttpToolsProtocol,
             timeout_keep_alive=settings.keep_alive_timeout_seconds,
-            timeout_graceful_shutdown=10,
+            timeout_graceful_shutdown=settings.graceful_shutdown_seconds,
             # uvicorn's "websockets" implementation (closes bad frames, e.g. invalid UTF-8, without logging
             # tracebacks), which gives the client's connection slot back when the socket closes.
             ws=LimitedWebSocketProtocol,

@@ -57,6 +57,7 @@ from uvicorn.server import ServerState
 
 from config import Settings, get_settings
 from infrastructure.error_format import error_bytes
+from infrastructure.shutdown import begin_drain
 
 logger = structlog.get_logger(__name__)
 
@@ -68,6 +69,7 @@ LINGER_SECONDS = 2.0
 LINGER_MAX_BYTES = 256 * 1024
 RETRY_AFTER_SECONDS = 5
 LOG_INTERVAL_SECONDS = 10.0
+DEFAULT_DRAIN_SECONDS = 10.0  # WebSockets left to the app when uvicorn has no graceful timeout
 
 
 @dataclass(frozen=True)
@@ -491,3 +493,23 @@ class LimitedWebSocketProtocol(WebSocketProtocol):
         """Release the per-client and process slot, then close as uvicorn does."""
         connection_guard().release(self.transport)
         super().connection_lost(exc)
+
+    def shutdown(self) -> None:
+        """Drain instead of cutting: the app finishes the answer in progress, then closes with 1012.
+
+        uvicorn's own shutdown closes an open socket at once. Here an open socket is told through
+        `infrastructure.shutdown` and closed by the application; one that is still open a second before
+        the graceful period ends is closed by uvicorn's code after all.
+        """
+        if not self.handshake_completed_event.is_set() or self.transport.is_closing():
+            super().shutdown()
+            return
+        self.ws_server.closing = True
+        begin_drain()
+        grace = self.config.timeout_graceful_shutdown
+        deadline = max(grace - 1.0, 0.0) if grace is not None else DEFAULT_DRAIN_SECONDS
+        self.loop.call_later(deadline, self._close_if_still_open)
+
+    def _close_if_still_open(self) -> None:
+        if not self.transport.is_closing():
+            super().shutdown()

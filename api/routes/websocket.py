@@ -29,6 +29,7 @@ from config import Settings
 from infrastructure.logging import session_tag
 from infrastructure.metrics import STREAMS_CANCELLED, WEBSOCKET_CONNECTIONS, WEBSOCKET_MESSAGES
 from infrastructure.rate_limit import RateLimitExceededError, from_trusted_proxy
+from infrastructure.shutdown import SERVICE_RESTART, drain_event
 from middleware.errors import describe_validation
 from services.feedback import FeedbackStore
 from services.sessions import Session, SessionStore, SessionStoreUnavailableError, new_session_id
@@ -106,6 +107,7 @@ class ChatConnection:
             asyncio.create_task(self._receive_loop(), name="ws-receive"),
             asyncio.create_task(self._answer_loop(), name="ws-answer"),
             asyncio.create_task(self._heartbeat_loop(), name="ws-heartbeat"),
+            asyncio.create_task(self._close_when_draining(), name="ws-drain"),
         ]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -321,6 +323,15 @@ class ChatConnection:
             WordEvent(f"{REFERENCE_PREFIX}{source.question}", after + offset, confidence, reference=True)
             for offset, source in enumerate(cited)
         ]
+
+    async def _close_when_draining(self) -> None:
+        """At shutdown, let the answer being streamed finish, then close with 1012 (infrastructure/shutdown.py)."""
+        await drain_event().wait()
+        current = self.current_answer
+        if current is not None and not current.done():
+            await asyncio.wait([current])
+        logger.info("websocket_drained", session=session_tag(self.session_id))
+        await self._close(SERVICE_RESTART, "server restarting")
 
     async def _heartbeat_loop(self) -> None:
         interval = self.settings.ws_heartbeat_interval_seconds
