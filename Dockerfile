@@ -23,6 +23,11 @@ RUN pip install -r requirements.txt \
 
 COPY . .
 
+# The code and the packages stay root's, so the service cannot change them; it runs as uid 10001 and writes only to
+# /app/cache (embeddings, index, the SQLite database) and, with WORKERS>1, a temporary directory for the metrics
+# files. The root filesystem can be read-only: `docker run --read-only --tmpfs /tmp -v cache:/app/cache`, or
+# Kubernetes' readOnlyRootFilesystem with volumes at /app/cache and /tmp (deploy/kubernetes). Tested in
+# tests/test_image_runtime.py.
 RUN groupadd --gid 10001 app \
     && useradd --create-home --uid 10001 --gid 10001 app \
     && mkdir -p /app/cache \

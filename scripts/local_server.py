@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -43,7 +43,14 @@ def _die_with_parent() -> None:
 class LocalServer:
     """One `python main.py` process; its output goes to `log_path`."""
 
-    def __init__(self, env: Mapping[str, str], log_path: Path, *, die_with_parent: bool = False) -> None:
+    def __init__(
+        self,
+        env: Mapping[str, str],
+        log_path: Path,
+        *,
+        die_with_parent: bool = False,
+        wrapper: Sequence[str] = (),
+    ) -> None:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.ws_url = f"ws://127.0.0.1:{self.port}"
@@ -56,6 +63,7 @@ class LocalServer:
             "HF_HUB_OFFLINE": "1",
             **env,
         }
+        self.wrapper = list(wrapper)  # a command that runs the server's, e.g. as another user
         self.process: subprocess.Popen[bytes] | None = None
         self.startup_seconds: float | None = None
         self._die_with_parent = die_with_parent and sys.platform == "linux"
@@ -73,7 +81,7 @@ class LocalServer:
         self._log = self.log_path.open("ab")
         self._started_at = time.perf_counter()
         self.process = subprocess.Popen(
-            [sys.executable, "main.py"],
+            [*self.wrapper, sys.executable, "main.py"],
             cwd=ROOT,
             env=self.env,
             stdout=self._log,
