@@ -3,7 +3,8 @@
 # redis-server (shared state tests), chromium + chromium-driver (browser tests) and prometheus (its promtool
 # lints the /metrics output), wrk (the benchmark's load generator for plain HTTP) and postgresql (its initdb and
 # postgres binaries start the tests' throw-away clusters, tests/postgres_server.py), docker-compose (parses and
-# checks docker-compose.yml without a Docker engine) and kubectl (builds the Kubernetes overlays; the machine
+# checks docker-compose.yml without a Docker engine), nginx (runs docker-compose's proxy config in front of two
+# real replicas) and kubectl (builds the Kubernetes overlays; the machine
 # image has Google's build, Debian's kubernetes-client is the fallback).
 set -euo pipefail
 
@@ -15,6 +16,7 @@ command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 command -v wrk >/dev/null 2>&1 || missing+=(wrk)
 compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || missing+=(postgresql)
 command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
+[ -x /usr/sbin/nginx ] || command -v nginx >/dev/null 2>&1 || missing+=(nginx-light)
 command -v kubectl >/dev/null 2>&1 || missing+=(kubernetes-client)
 
 if [ ${#missing[@]} -eq 0 ]; then
