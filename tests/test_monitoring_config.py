@@ -80,8 +80,9 @@ def alerts() -> dict[str, dict[str, Any]]:
 
 
 def scrape_job() -> dict[str, Any]:
-    """The scrape config of prometheus.yml that scrapes the app (the one with a bearer token)."""
-    (job,) = [job for job in load_yaml(PROMETHEUS_CONFIG)["scrape_configs"] if "authorization" in job]
+    """The scrape config of prometheus.yml that scrapes the app (the one whose targets are the replicas)."""
+    jobs = load_yaml(PROMETHEUS_CONFIG)["scrape_configs"]
+    (job,) = [job for job in jobs if any("app1" in target for s in job["static_configs"] for target in s["targets"])]
     return dict(job)
 
 
@@ -116,21 +117,12 @@ def test_every_alert_says_how_bad_and_where_to_read() -> None:
         assert "First check" in annotations["description"], name
 
 
-def test_promtool_checks_the_config(tmp_path: Path) -> None:
-    """The file as shipped (syntax), and a copy whose token file exists, with the rule files it loads."""
-    promtool("check", "config", "--syntax-only", str(PROMETHEUS_CONFIG))
+def test_promtool_checks_the_config() -> None:
+    """The file as shipped, with the rule files it loads (compose's scrape needs no token: see its header)."""
     config = load_yaml(PROMETHEUS_CONFIG)
     assert [PROMETHEUS_DIR / name for name in config["rule_files"]] == [ALERTS]
-    token = tmp_path / "metrics_token"
-    token.write_text("a-metrics-token\n")
-    for job in config["scrape_configs"]:
-        if "authorization" in job:
-            assert job["authorization"]["type"] == "Bearer"  # api/deps.py: `Authorization: Bearer <METRICS_TOKEN>`
-            job["authorization"]["credentials_file"] = str(token)
-    config["rule_files"] = [str(PROMETHEUS_DIR / name) for name in config["rule_files"]]
-    copy = tmp_path / "prometheus.yml"
-    copy.write_text(yaml.safe_dump(config))
-    output = promtool("check", "config", str(copy))
+    assert all("authorization" not in job for job in config["scrape_configs"])
+    output = promtool("check", "config", str(PROMETHEUS_CONFIG))
     assert f"SUCCESS: {len(rules())} rules found" in output, output
 
 
