@@ -34,6 +34,7 @@ NOT_SETTINGS = {
     "HF_HUB_OFFLINE",  # Hugging Face libraries: no downloads (set in the image)
     "OPENBLAS_NUM_THREADS",  # NumPy's BLAS thread count (set in the image)
     "PROMETHEUS_MULTIPROC_DIR",  # prometheus-client's multiprocess directory (main.run sets it for WORKERS>1)
+    "GRAFANA_ADMIN_PASSWORD",  # docker-compose.yml: Grafana's admin password, passed through from the shell
     # Shell variables of the README's curl examples
     "SID",
     # HTTP methods
@@ -53,6 +54,7 @@ NOT_SETTINGS = {
     "TIME",
     # Dockerfile instructions
     "CMD",
+    "EXPOSE",
     "HEALTHCHECK",
     "USER",
     # Log levels (the values of LOG_LEVEL)
