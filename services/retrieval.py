@@ -16,8 +16,6 @@ import asyncio
 import hashlib
 import os
 import tempfile
-import zipfile
-import zlib
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -326,8 +324,10 @@ def _load(path: Path, names: tuple[str, ...]) -> dict[str, np.ndarray] | None:
         missing = [name for name in names if name not in arrays]
         if missing:
             raise KeyError(f"missing arrays: {missing}")
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as error:  # damaged: rebuild
-        logger.warning("index_cache_unreadable", path=str(path), error=str(error))
+    except Exception as error:  # damaged: rebuild
+        # Any exception, not a list: what zipfile and numpy raise for damaged bytes is open-ended (a flipped
+        # byte in a member's header gives NotImplementedError or RuntimeError, in its data BadZipFile).
+        logger.warning("index_cache_unreadable", path=str(path), error=f"{type(error).__name__}: {error}")
         return None
     if not all(np.isfinite(array).all() for array in arrays.values() if array.dtype.kind in "fc"):
         logger.warning("index_cache_invalid", path=str(path))

@@ -10,7 +10,8 @@ Rules both stores keep:
 - a deleted (or expired) session stays gone: `touch` and `add_turn` never recreate it;
 - with Redis, every call is bounded (REDIS_OPERATION_TIMEOUT_SECONDS), a failure pauses the store for a
   moment (fast 503s instead of slow ones), and a write that arrives after its deadline is refused by
-  Redis itself, so a 503 means nothing was stored.
+  Redis itself; the deadline comes WRITE_REPLY_MARGIN_SECONDS before the caller gives up, so that the reply
+  of an applied write is back in time, and a 503 means nothing was stored.
 Each `Session` carries an in-process `asyncio.Lock` that keeps questions on it in order.
 """
 
@@ -44,6 +45,9 @@ REDIS_REPORTER = "defi:sessions:reporter"
 REDIS_OWNER_PREFIX = "defi:owner:"
 REDIS_OPERATION_TIMEOUT_SECONDS = 1.0
 PAUSE_AFTER_FAILURE_SECONDS = 1.0
+# A write must run in Redis this long before its caller gives up, so that its reply is back in time: a write
+# applied with its reply still on the way when the caller gives up would be stored yet reported as a 503.
+WRITE_REPLY_MARGIN_SECONDS = 0.25
 
 T = TypeVar("T")
 ScriptArg = str | int | float
@@ -359,7 +363,9 @@ class RedisSessionStore:
         return [self._meta_key(session_id), self._turns_key(session_id), REDIS_INDEX]
 
     def _deadline(self) -> float:
-        return time.time() + self._timeout
+        """The latest Redis time (`TIME`) at which a write may still apply: WRITE_REPLY_MARGIN_SECONDS (at most
+        a quarter of the timeout) before the caller stops waiting, the time its reply has to come back."""
+        return time.time() + self._timeout - min(WRITE_REPLY_MARGIN_SECONDS, self._timeout / 4)
 
     async def _call(self, action: str, operation: Callable[[], Awaitable[T]]) -> T:
         """Run one Redis operation within the timeout; fail fast for a moment after a failure."""

@@ -10,11 +10,13 @@ loopback), the well-behaved client from 127.0.0.1. The guard's bookkeeping is al
 from __future__ import annotations
 
 import base64
+import contextlib
 import ipaddress
 import os
 import resource
 import select
 import socket
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -34,11 +36,15 @@ with warnings.catch_warnings():  # uvicorn's `websockets` (legacy) protocol warn
 
 ATTACKER = "127.0.0.2"
 SCANNER = "127.0.0.3"
+HEADER_SENDER = "127.0.0.4"
 ATTACKER_SOCKETS = 5000
 PER_CLIENT_DEFAULT = 100
 HEADER_TIMEOUT = 1.5
 DEADLINE = 20.0  # generous: every wait below ends as soon as its condition holds
 QUESTION = {"question": "What is impermanent loss?"}
+HUGE_HEADER_BYTES = 50 * 2**20
+HUGE_HEADER_CLIENTS = 10
+RSS_GROWTH_BOUND = 48 * 2**20  # each connection buffers at most ~300 KB; before the limit, 10 took +478 MB
 
 
 # --- servers -------------------------------------------------------------------------------------------------
@@ -195,6 +201,53 @@ def test_headers_under_the_cap_are_served(servers: dict[str, ServerProcess]) -> 
         sock.sendall(head(server, extra=b"X-Cookie: " + b"c" * 16384 + b"\r\n\r\n"))
         status, _, _ = read_response(sock)
     assert status == 200
+
+
+def test_ten_never_ending_50mb_headers_cost_the_server_no_memory(servers: dict[str, ServerProcess]) -> None:
+    """The reproduction of item 5: ten connections each sending a 50 MB header line that never ends took the
+    server from 359 to 837 MB. Each is now cut off at MAX_REQUEST_HEADER_BYTES (32 KiB by default, and the
+    `dos` server's 60 s header deadline leaves only the size limit to end them), so memory stays flat."""
+    server = servers["dos"]
+    process = psutil.Process(server.pid)
+    assert health(server).status_code == 200
+    before = process.memory_info().rss
+    peak = before
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.wait(0.02):
+            peak = max(peak, process.memory_info().rss)
+
+    def push(_: int) -> int:
+        """Send up to 50 MB of one header line; how much went out before the server closed the connection."""
+        chunk = b"a" * 2**20
+        sent = 0
+        with connect(server, HEADER_SENDER) as sock:
+            sock.sendall(head(server, extra=b"X-Big: "))
+            with contextlib.suppress(OSError):  # the server answered 431 and closed: the send fails
+                while sent < HUGE_HEADER_BYTES:
+                    sock.sendall(chunk)
+                    sent += len(chunk)
+        return sent
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        with ThreadPoolExecutor(max_workers=HUGE_HEADER_CLIENTS) as pool:
+            sent = list(pool.map(push, range(HUGE_HEADER_CLIENTS)))
+        peak = max(peak, process.memory_info().rss)
+    finally:
+        done.set()
+        sampler.join()
+    growth = peak - before
+    print(
+        f"\n{HUGE_HEADER_CLIENTS} x 50 MB headers: sent at most {max(sent) / 2**20:.1f} MB each before the server "
+        f"closed; server RSS {before / 2**20:.0f} MB -> peak {peak / 2**20:.0f} MB (+{growth / 2**20:.1f} MB)"
+    )
+    assert all(amount < HUGE_HEADER_BYTES for amount in sent), sent
+    assert growth < RSS_GROWTH_BOUND, f"RSS grew by {growth / 2**20:.0f} MB"
+    assert health(server).status_code == 200
 
 
 # --- header deadline and idle timeout ------------------------------------------------------------------------

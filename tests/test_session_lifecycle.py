@@ -5,7 +5,11 @@ client, one question at a time per session, and a frozen Redis that never stores
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import json
+import socket
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +19,7 @@ import httpx
 import pytest
 from websockets.sync.client import connect
 
+from services.sessions import _ADD_TURN, PAUSE_AFTER_FAILURE_SECONDS, REDIS_OPERATION_TIMEOUT_SECONDS
 from tests.conftest import ServerProcess
 from tests.redis_server import REDIS_SERVER, RedisServer
 
@@ -202,3 +207,81 @@ def test_a_frozen_redis_answers_fast_and_stores_nothing_it_reported_as_failed(
         assert not failed & stored, f"turns stored although the client got 503: {sorted(failed & stored)[:3]}"
     finally:
         redis.stop()
+
+
+class SlowWriteProxy:
+    """A TCP proxy in front of Redis. While `slow` is set, each call of one Lua script (found by its SHA1 in
+    the bytes going to Redis) reaches Redis `hold` seconds late, and the reply to it comes back `reply_delay`
+    seconds late: a write that Redis applies late in its caller's wait, whose reply arrives after the caller
+    has given up. Everything else passes through untouched."""
+
+    def __init__(self, upstream_port: int, script: str, hold: float, reply_delay: float) -> None:
+        self._upstream_port = upstream_port
+        self._sha = hashlib.sha1(script.encode()).hexdigest().encode()
+        self._hold = hold
+        self._reply_delay = reply_delay
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._sockets: list[socket.socket] = [self._listener]
+        self.port: int = self._listener.getsockname()[1]
+        self.slow = threading.Event()
+        self.held = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:  # closed
+                return
+            upstream = socket.create_connection(("127.0.0.1", self._upstream_port))
+            self._sockets += [client, upstream]
+            reply_late = threading.Event()  # this connection's next reply answers a held call
+            threading.Thread(target=self._pump, args=(client, upstream, reply_late, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, reply_late, False), daemon=True).start()
+
+    def _pump(self, source: socket.socket, target: socket.socket, reply_late: threading.Event, to_redis: bool) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                if to_redis and self.slow.is_set() and self._sha in data:
+                    self.held += 1
+                    time.sleep(self._hold)
+                    reply_late.set()
+                elif not to_redis and reply_late.is_set():
+                    reply_late.clear()
+                    time.sleep(self._reply_delay)
+                target.sendall(data)
+        for sock in (source, target):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        for sock in self._sockets:
+            with contextlib.suppress(OSError):
+                sock.close()
+
+
+@needs_redis
+def test_a_turn_applied_just_before_its_caller_gives_up_is_refused_not_stored(
+    start_server: Callable[..., ServerProcess], redis_server: RedisServer
+) -> None:
+    """Item 12 at its edge: a turn that reaches Redis 0.85 s into the caller's 1 s wait, its reply 0.4 s behind.
+    It was stored (the write's deadline was the moment the caller gave up) and reported as a 503; now the write's
+    deadline leaves its reply time to come back, so Redis refuses it and the 503 is true."""
+    hold = REDIS_OPERATION_TIMEOUT_SECONDS * 0.85  # past the write's deadline, before the caller gives up
+    proxy = SlowWriteProxy(redis_server.port, _ADD_TURN, hold=hold, reply_delay=0.4)
+    try:
+        server = start_server(REDIS_URL=f"redis://127.0.0.1:{proxy.port}/0", RATE_LIMIT_REQUESTS_PER_MINUTE="10000")
+        session_id = ask(server.base_url, "What is Aave?").json()["session_id"]  # the script is now loaded in Redis
+        proxy.slow.set()
+        for attempt in range(2):
+            if attempt:
+                time.sleep(PAUSE_AFTER_FAILURE_SECONDS + 0.2)  # the store answers at once for a moment after a failure
+            refused = ask(server.base_url, f"what are its risks ({attempt})?", session_id)
+            assert refused.status_code == 503, refused.text
+            assert refused.json()["reason"] == "session_store_unavailable"
+        assert proxy.held == 2  # both turns went to Redis, late
+        with redis_server.client() as redis:
+            stored = [json.loads(raw)["question"] for raw in redis.lrange(f"defi:session:{session_id}:turns", 0, -1)]
+        assert stored == ["What is Aave?"], f"turns stored although the client got 503: {stored}"
+    finally:
+        proxy.close()
