@@ -239,8 +239,9 @@ class EmbeddingService:
         Similar lengths share a batch so little padding is computed; batches use every worker at once.
         """
         order = sorted(range(len(texts)), key=lambda index: len(texts[index]))
-        size = self.provider.corpus_batch_size
-        chunks = [order[start : start + size] for start in range(0, len(order), size)]
+        chunks = corpus_chunks(
+            order, [len(text) for text in texts], self.provider.corpus_batch_size, self.provider.corpus_batch_chars
+        )
         limit = asyncio.Semaphore(self._workers)
 
         async def run(indices: list[int]) -> np.ndarray:
@@ -254,3 +255,19 @@ class EmbeddingService:
         for indices, vectors in zip(chunks, results, strict=True):
             corpus[indices] = vectors
         return corpus
+
+
+def corpus_chunks(order: list[int], lengths: list[int], size: int, max_chars: int | None) -> list[list[int]]:
+    """Split `order` (indices sorted by length) into batches of at most `size` texts whose padded length
+    (count x longest) stays within `max_chars`; a single text longer than that is a batch of its own."""
+    chunks: list[list[int]] = []
+    current: list[int] = []
+    for index in order:  # ascending length: the text being added is the batch's longest
+        padded = (len(current) + 1) * lengths[index]
+        if current and (len(current) == size or (max_chars is not None and padded > max_chars)):
+            chunks.append(current)
+            current = []
+        current.append(index)
+    if current:
+        chunks.append(current)
+    return chunks

@@ -13,7 +13,7 @@ import pytest
 
 from config import get_settings
 from services.embedding_providers import LocalMiniLMProvider
-from services.embeddings import EmbeddingService
+from services.embeddings import EmbeddingService, corpus_chunks
 from services.knowledge_base import KnowledgeBase, load_knowledge_base
 from services.retrieval import BatchedRetriever, ClassifierWeights, Match, Retriever
 
@@ -131,3 +131,15 @@ async def test_queued_questions_are_split_over_idle_workers() -> None:
         assert service.model_calls == 3
     finally:
         await service.close()
+
+
+def test_corpus_batches_are_capped_by_count_and_by_padded_length() -> None:
+    lengths = [10] * 40 + [100] * 10 + [400] * 3 + [5000]
+    order = sorted(range(len(lengths)), key=lambda index: lengths[index])
+    chunks = corpus_chunks(order, lengths, 32, 3200)
+    assert [len(chunk) for chunk in chunks] == [32, 18, 3, 1]  # 32 of the 10s; the other 8 with the 100s; ...
+    assert sorted(index for chunk in chunks for index in chunk) == list(range(len(lengths)))
+    for chunk in chunks:
+        padded = len(chunk) * max(lengths[index] for index in chunk)
+        assert len(chunk) == 1 or padded <= 3200
+    assert [len(chunk) for chunk in corpus_chunks(order, lengths, 32, None)] == [32, 22]
