@@ -22,6 +22,7 @@ from services.embeddings import EmbeddingService
 from services.feedback import FeedbackStore
 from services.insights import Insights
 from services.knowledge import LiveKnowledge
+from services.knowledge_admin import KnowledgeManager
 from services.sessions import SessionStore
 
 # Dependencies are `async def` even where they do not await: FastAPI runs a plain `def` dependency in its
@@ -95,21 +96,24 @@ async def spend_budget(connection: HTTPConnection, route: str) -> dict[str, str]
     return decision.headers()
 
 
-async def spend_question_budget(request: Request) -> None:
-    """Charge one question to the client's budget; 429 when it is spent.
+async def charge_request(request: Request, route: str) -> None:
+    """`spend_budget` for an HTTP request; the X-RateLimit-* headers go on whatever response follows, errors
+    included (RequestContextMiddleware)."""
+    headers = await spend_budget(request, route)
+    request.scope.setdefault("state", {})[RATE_LIMIT_HEADERS_KEY] = [
+        (name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()
+    ]
 
-    The X-RateLimit-* headers go on whatever response follows, errors included (RequestContextMiddleware).
-    """
+
+async def spend_question_budget(request: Request) -> None:
+    """Charge one question to the client's budget; 429 when it is spent."""
     if api_key_required(request, everywhere=True):
         raise HTTPException(
             401,
             "This server requires an API key: 'Authorization: Bearer <key>'",
             headers={"WWW-Authenticate": "Bearer"},
         )
-    headers = await spend_budget(request, route_template(request.scope))
-    request.scope.setdefault("state", {})[RATE_LIMIT_HEADERS_KEY] = [
-        (name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()
-    ]
+    await charge_request(request, route_template(request.scope))
 
 
 async def accept_question(
@@ -182,6 +186,7 @@ EmbeddingsDep = Annotated[EmbeddingService, Depends(from_state("embeddings"))]
 KnowledgeDep = Annotated[LiveKnowledge, Depends(from_state("knowledge"))]
 AnswerCacheDep = Annotated[AnswerCache | None, Depends(from_state("answer_cache"))]
 MonitoringDep = Annotated[Monitoring, Depends(from_state("monitoring"))]
-FeedbackDep = Annotated[FeedbackStore, Depends(from_state("feedback"))]
 """The monitoring windows, loop-lag monitor and system sampler of this process."""
+FeedbackDep = Annotated[FeedbackStore, Depends(from_state("feedback"))]
 InsightsDep = Annotated[Insights, Depends(from_state("insights"))]
+KnowledgeManagerDep = Annotated[KnowledgeManager, Depends(from_state("knowledge_manager"))]

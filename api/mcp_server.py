@@ -33,14 +33,14 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from agents.agent import AgentResult, AgentUnavailableError, DeFiAgent, SessionBusyError
+from agents.agent import AgentUnavailableError, DeFiAgent, SessionBusyError
 from agents.graph import in_source_order
 from agents.validation import InvalidQuestionError, clean_question
-from api.deps import api_key_required, client_key, spend_budget
+from api.deps import api_key_required, charge_request, client_key
+from api.schemas import answer_fields
 from config import APP_VERSION
 from infrastructure.error_format import error_body
 from infrastructure.rate_limit import RateLimitExceededError
-from middleware.request_context import RATE_LIMIT_HEADERS_KEY
 from services.embedding_providers import EmbeddingError
 from services.embeddings import EmbeddingService
 from services.knowledge import LiveKnowledge
@@ -130,7 +130,7 @@ def build_mcp_server(
             accepted = await agent.accept(
                 question, session_id, new_session=True, owner=client_key(request), transport="mcp"
             )
-            return _to_answer(await agent.answer(accepted))
+            return McpAnswer.model_validate(answer_fields(await agent.answer(accepted)))
         except InvalidQuestionError as error:
             raise ToolError(f"{error.code}: {error.detail}") from None
         except SessionBusyError as error:
@@ -263,24 +263,7 @@ async def _charge(ctx: Context[Any, Any]) -> Request:
     if not isinstance(request, Request):  # pragma: no cover - this server is only reachable over HTTP
         raise ToolError("this tool is served over HTTP only")
     try:
-        headers = await spend_budget(request, MCP_PATH)
+        await charge_request(request, MCP_PATH)
     except RateLimitExceededError as error:
         raise ToolError(f"rate_limited: {error.detail}") from None
-    request.scope.setdefault("state", {})[RATE_LIMIT_HEADERS_KEY] = [
-        (name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()
-    ]
     return request
-
-
-def _to_answer(result: AgentResult) -> McpAnswer:
-    return McpAnswer(
-        answer=result.answer,
-        confidence=result.confidence,
-        processing_stage=result.processing_stage,
-        sources=result.sources,
-        session_id=result.session_id,
-        answer_id=result.answer_id,
-        kb_version=result.kb_version,
-        unknown_terms=list(result.unknown_terms),
-        error=result.error,
-    )

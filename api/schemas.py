@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
+from agents.agent import AgentResult
 from services.sources import ProcessingStage, Source
 
 
@@ -44,6 +45,21 @@ class AskResponse(BaseModel):
     )
     answer_id: str = Field(description="This answer's id: rate it with POST /v2/feedback.")
     kb_version: int | None = Field(default=None, description="The knowledge-base version that answered.")
+
+
+def answer_fields(result: AgentResult) -> dict[str, Any]:
+    """The fields of an answer as `/ask`, `/v2/ask` and MCP's `ask_defi` return it (validated by their model)."""
+    return {
+        "answer": result.answer,
+        "confidence": result.confidence,
+        "processing_stage": result.processing_stage,
+        "error": result.error,
+        "session_id": result.session_id,
+        "sources": result.sources,
+        "unknown_terms": list(result.unknown_terms),
+        "answer_id": result.answer_id,
+        "kb_version": result.kb_version,
+    }
 
 
 class FeedbackRequest(BaseModel):
@@ -108,3 +124,8 @@ class ErrorResponse(BaseModel):
     type: str = Field(description="The class of error, e.g. validation_error.")
     code: int = Field(description="The HTTP status of the response.")
     reason: str = Field(description="A stable machine-readable reason, e.g. question_empty.")
+
+
+def documented_errors(descriptions: dict[int, str]) -> dict[int | str, dict[str, Any]]:
+    """A route's `responses=`: each status answered with an `ErrorResponse`, described for /openapi.json."""
+    return {status: {"model": ErrorResponse, "description": text} for status, text in descriptions.items()}

@@ -187,12 +187,16 @@ class HealthWorker(Worker):
         return {"latency": time.perf_counter() - started}
 
 
-class AskWorker(Worker):
-    """POST /ask with the next question from `next_question`."""
+class QuestionWorker(Worker):
+    """A worker asking over HTTP, each time the next question from `next_question`."""
 
     def __init__(self, client: httpx.AsyncClient, next_question: Callable[[], str]) -> None:
         self.client = client
         self.next_question = next_question
+
+
+class AskWorker(QuestionWorker):
+    """POST /ask with the next question from `next_question`."""
 
     async def request(self) -> dict[str, float]:
         question = self.next_question()
@@ -206,32 +210,38 @@ class AskWorker(Worker):
         return {"latency": elapsed}
 
 
-class SSEWorker(Worker):
-    """POST /ask-stream, read `data:` lines: time to the first `word` event and to `complete`."""
+class AnswerTimer:
+    """Times one streamed answer from its start: to the first `word` event and to `complete`."""
 
-    def __init__(self, client: httpx.AsyncClient, next_question: Callable[[], str]) -> None:
-        self.client = client
-        self.next_question = next_question
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.first_word: float | None = None
+
+    def timings(self, event: dict[str, Any], error_detail: str) -> dict[str, float] | None:
+        """The timings once `event` is `complete` (None before); an `error` event raises StatusError."""
+        kind = event.get("type")
+        if kind == "word" and self.first_word is None:
+            self.first_word = time.perf_counter() - self.started
+        elif kind == "complete":
+            total = time.perf_counter() - self.started
+            return {"first_word": self.first_word if self.first_word is not None else total, "complete": total}
+        elif kind == "error":
+            raise StatusError(f"error {error_detail}: {event.get(error_detail)}")
+        return None
+
+
+class SSEWorker(QuestionWorker):
+    """POST /ask-stream, read `data:` lines: time to the first `word` event and to `complete`."""
 
     async def request(self) -> dict[str, float]:
         question = self.next_question()
-        started = time.perf_counter()
-        first_word: float | None = None
+        timer = AnswerTimer()
         async with self.client.stream("POST", "/ask-stream", json={"question": question}) as response:
             if response.status_code != 200:
                 raise StatusError(f"HTTP {response.status_code}")
             async for line in response.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                event = json.loads(line[5:])
-                kind = event.get("type")
-                if kind == "word" and first_word is None:
-                    first_word = time.perf_counter() - started
-                elif kind == "complete":
-                    total = time.perf_counter() - started
-                    return {"first_word": first_word if first_word is not None else total, "complete": total}
-                elif kind == "error":
-                    raise StatusError(f"error event: {event.get('message')}")
+                if line.startswith("data:") and (timings := timer.timings(json.loads(line[5:]), "message")):
+                    return timings
         raise StatusError("stream ended without a complete event")
 
 
@@ -257,19 +267,11 @@ async def ws_connect(url: str) -> ClientConnection:
 
 async def ws_ask(connection: ClientConnection, question: str) -> dict[str, float]:
     """Send one question on an open connection; time to the first `word` and to `complete`."""
-    started = time.perf_counter()
-    first_word: float | None = None
+    timer = AnswerTimer()
     await connection.send(json.dumps({"type": "question", "data": {"question": question}}))
     while True:
-        event = json.loads(await connection.recv())
-        kind = event.get("type")
-        if kind == "word" and first_word is None:
-            first_word = time.perf_counter() - started
-        elif kind == "complete":
-            total = time.perf_counter() - started
-            return {"first_word": first_word if first_word is not None else total, "complete": total}
-        elif kind == "error":
-            raise StatusError(f"error message: {event.get('code')}")
+        if timings := timer.timings(json.loads(await connection.recv()), "code"):
+            return timings
 
 
 class WebSocketWorker(Worker):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from starlette.types import Send
+from starlette.types import Message, Send
 
 _STATUS_TYPES: dict[int, tuple[str, str]] = {
     400: ("bad_request", "bad_request"),
@@ -95,3 +95,17 @@ async def send_error(send: Send, status: int, detail: str, reason: str | None = 
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+class TrackedSend:
+    """An ASGI `send` that remembers whether the response has started: until it has, an error can still be sent
+    in its place (`send_error`); after, the status is on the wire."""
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self.started = False
+
+    async def __call__(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.started = True
+        await self._send(message)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from infrastructure.error_format import send_error
+from infrastructure.error_format import TrackedSend, send_error
 
 
 class BodyTooLargeError(HTTPException):
@@ -34,7 +34,7 @@ class BodySizeLimitMiddleware:
             await self._reject(send, declared.isdigit(), limit, scope["path"])
             return
         received = 0
-        response_started = False
+        tracked = TrackedSend(send)
 
         async def limited_receive() -> Message:
             nonlocal received
@@ -45,16 +45,10 @@ class BodySizeLimitMiddleware:
                     raise BodyTooLargeError(limit)
             return message
 
-        async def tracking_send(message: Message) -> None:
-            nonlocal response_started
-            if message["type"] == "http.response.start":
-                response_started = True
-            await send(message)
-
         try:
-            await self.app(scope, limited_receive, tracking_send)
+            await self.app(scope, limited_receive, tracked)
         except BodyTooLargeError:
-            if not response_started:
+            if not tracked.started:
                 await self._reject(send, True, limit, scope["path"])
 
     async def _reject(self, send: Send, too_large: bool, limit: int, path: str) -> None:

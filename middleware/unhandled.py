@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import structlog
 from asgi_correlation_id import correlation_id
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from infrastructure.error_format import send_error
+from infrastructure.error_format import TrackedSend, send_error
 
 logger = structlog.get_logger(__name__)
 
@@ -30,18 +30,11 @@ class UnhandledErrorMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        response_started = False
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal response_started
-            if message["type"] == "http.response.start":
-                response_started = True
-            await send(message)
-
+        tracked = TrackedSend(send)
         try:
-            await self.app(scope, receive, tracking_send)
+            await self.app(scope, receive, tracked)
         except Exception:
-            if response_started:
+            if tracked.started:
                 raise
             logger.exception("unhandled_error", path=scope["path"], request_id=correlation_id.get())
             await send_error(send, 500, "Internal server error")  # the body of middleware.errors.internal_error_body

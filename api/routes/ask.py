@@ -6,37 +6,37 @@ from fastapi import APIRouter, Request, Response
 
 from agents.agent import AgentResult
 from api.deps import AgentDep, QuestionBudget, SessionsDep, SettingsDep, accept_question
-from api.schemas import AskRequest, AskResponse, ErrorResponse, SessionAskRequest, SessionOut, TurnOut
+from api.schemas import (
+    AskRequest,
+    AskResponse,
+    SessionAskRequest,
+    SessionOut,
+    TurnOut,
+    answer_fields,
+    documented_errors,
+)
 from middleware.errors import error_response
 
 router = APIRouter(tags=["questions"])
 
-_ERRORS: dict[int | str, dict[str, object]] = {
-    413: {"model": ErrorResponse, "description": "Body too large"},
-    422: {"model": ErrorResponse, "description": "Invalid question"},
-    429: {"model": ErrorResponse, "description": "Question budget spent (see Retry-After)"},
-    503: {"model": ErrorResponse, "description": "Embedding model or session store unavailable"},
-}
-_SESSION_ERRORS: dict[int | str, dict[str, object]] = {
-    404: {"model": ErrorResponse, "description": "Unknown or expired session"},
-    503: {"model": ErrorResponse, "description": "Session store (Redis) unavailable"},
-}
+_ERRORS = documented_errors(
+    {
+        413: "Body too large",
+        422: "Invalid question",
+        429: "Question budget spent (see Retry-After)",
+        503: "Embedding model or session store unavailable",
+    }
+)
+_SESSION_ERRORS = documented_errors(
+    {
+        404: "Unknown or expired session",
+        503: "Session store (Redis) unavailable",
+    }
+)
 
 
 def _to_response(result: AgentResult) -> AskResponse:
-    return AskResponse.model_validate(  # one validation of the whole response, sources included
-        {
-            "answer": result.answer,
-            "confidence": result.confidence,
-            "processing_stage": result.processing_stage,
-            "error": result.error,
-            "session_id": result.session_id,
-            "sources": result.sources,
-            "unknown_terms": list(result.unknown_terms),
-            "answer_id": result.answer_id,
-            "kb_version": result.kb_version,
-        }
-    )
+    return AskResponse.model_validate(answer_fields(result))  # one validation of the whole response, sources included
 
 
 @router.post("/ask", response_model=AskResponse, responses=_ERRORS, dependencies=[QuestionBudget])

@@ -7,20 +7,22 @@ from dataclasses import dataclass
 from fastapi import APIRouter, Response
 
 from api.deps import FeedbackDep, QuestionBudget
-from api.schemas import ErrorResponse, FeedbackRequest, FeedbackResponse
+from api.schemas import FeedbackRequest, FeedbackResponse, documented_errors
 from middleware.errors import error_response
 from services.feedback import FeedbackDisabledError, FeedbackStore, FeedbackUnavailableError, UnknownAnswerError
 
 router = APIRouter(tags=["feedback"])
 
-_ERRORS: dict[int | str, dict[str, object]] = {
-    404: {"model": ErrorResponse, "description": "No answer with this id (or it is older than the retention)"},
-    409: {"model": ErrorResponse, "description": "The question log is turned off, so there is nothing to rate"},
-    413: {"model": ErrorResponse, "description": "Body too large"},
-    422: {"model": ErrorResponse, "description": "Bad answer id, rating or comment"},
-    429: {"model": ErrorResponse, "description": "Budget spent (see Retry-After): feedback spends it like a question"},
-    503: {"model": ErrorResponse, "description": "The database cannot be reached; retry later"},
-}
+_ERRORS = documented_errors(
+    {
+        404: "No answer with this id (or it is older than the retention)",
+        409: "The question log is turned off, so there is nothing to rate",
+        413: "Body too large",
+        422: "Bad answer id, rating or comment",
+        429: "Budget spent (see Retry-After): feedback spends it like a question",
+        503: "The database cannot be reached; retry later",
+    }
+)
 
 
 @dataclass(frozen=True)

@@ -13,25 +13,27 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
 from pydantic import ValidationError
 
-from api.deps import AdminOnly, require_admin
-from api.schemas import ErrorResponse
+from api.deps import AdminOnly, KnowledgeManagerDep, require_admin
+from api.schemas import documented_errors
 from config import Settings
 from middleware.errors import describe_validation
-from services.knowledge_admin import ChangeRefusedError, KnowledgeManager
+from services.knowledge_admin import ChangeRefusedError
 from services.knowledge_base import Entry
 from services.knowledge_versions import KnowledgeVersion
 
 router = APIRouter(prefix="/admin/knowledge-base", tags=["knowledge base"])
 
-_ERRORS: dict[int | str, dict[str, object]] = {
-    401: {"model": ErrorResponse, "description": "ADMIN_TOKEN is set and the bearer token is missing or wrong"},
-    403: {"model": ErrorResponse, "description": "ADMIN_TOKEN is not set: the knowledge base cannot be changed"},
-    404: {"model": ErrorResponse, "description": "No such entry or version"},
-    409: {"model": ErrorResponse, "description": "The change leaves the knowledge base as it is"},
-    413: {"model": ErrorResponse, "description": "Body over ADMIN_MAX_BODY_BYTES"},
-    422: {"model": ErrorResponse, "description": "Invalid dataset or entry (per-entry `errors`), or eval regression"},
-    503: {"model": ErrorResponse, "description": "The database cannot be reached"},
-}
+_ERRORS = documented_errors(
+    {
+        401: "ADMIN_TOKEN is set and the bearer token is missing or wrong",
+        403: "ADMIN_TOKEN is not set: the knowledge base cannot be changed",
+        404: "No such entry or version",
+        409: "The change leaves the knowledge base as it is",
+        413: "Body over ADMIN_MAX_BODY_BYTES",
+        422: "Invalid dataset or entry (per-entry `errors`), or eval regression",
+        503: "The database cannot be reached",
+    }
+)
 RequireEval = Annotated[
     bool, Query(description="Refuse the change when hit@1 on data/eval_questions.json falls by more than 0.02.")
 ]
@@ -48,45 +50,43 @@ async def require_admin_change(request: Request) -> None:
 AdminChange = Depends(require_admin_change)
 
 
-def _manager(request: Request) -> KnowledgeManager:
-    manager: KnowledgeManager = request.app.state.knowledge_manager
-    return manager
-
-
 def _changed(record: KnowledgeVersion) -> dict[str, Any]:
     return {"status": "live", **record.to_wire()}
 
 
 @router.get("", dependencies=[AdminOnly], responses=_ERRORS)
-async def knowledge_base_status(request: Request) -> dict[str, Any]:
+async def knowledge_base_status(manager: KnowledgeManagerDep) -> dict[str, Any]:
     """The live version: number, entries, checksum, when and from what it was loaded, entries due for review."""
-    return _manager(request).status()
+    return manager.status()
 
 
 @router.get("/versions", dependencies=[AdminOnly], responses=_ERRORS)
 async def knowledge_base_versions(
-    request: Request, limit: Annotated[int, Query(ge=1, le=1000)] = 100
+    manager: KnowledgeManagerDep, limit: Annotated[int, Query(ge=1, le=1000)] = 100
 ) -> dict[str, Any]:
     """Stored versions, newest first."""
-    return {"versions": [record.to_wire() for record in await _manager(request).history(limit)]}
+    return {"versions": [record.to_wire() for record in await manager.history(limit)]}
 
 
 @router.post("/validate", dependencies=[AdminChange], responses=_ERRORS)
-async def validate_dataset(request: Request) -> dict[str, Any]:
+async def validate_dataset(request: Request, manager: KnowledgeManagerDep) -> dict[str, Any]:
     """Check a whole dataset (the data/knowledge_base.json format) against the live one; changes nothing."""
-    report = await _manager(request).validate(await request.body())
+    report = await manager.validate(await request.body())
     return report.to_wire()
 
 
 @router.post("", dependencies=[AdminChange], responses=_ERRORS)
-async def replace_dataset(request: Request, require_eval: RequireEval = False) -> Any:
+async def replace_dataset(request: Request, manager: KnowledgeManagerDep, require_eval: RequireEval = False) -> Any:
     """Replace the whole dataset: validated, only new phrasings embedded, then swapped in atomically."""
-    return _changed(await _manager(request).replace(await request.body(), require_eval=require_eval))
+    return _changed(await manager.replace(await request.body(), require_eval=require_eval))
 
 
 @router.put("/entries/{entry_id}", dependencies=[AdminChange], responses=_ERRORS)
 async def put_entry(
-    request: Request, entry_id: Annotated[str, Path(max_length=80)], require_eval: RequireEval = False
+    request: Request,
+    manager: KnowledgeManagerDep,
+    entry_id: Annotated[str, Path(max_length=80)],
+    require_eval: RequireEval = False,
 ) -> Any:
     """Add the entry, or replace the one with this id (the body's `id`, when given, must match)."""
     try:
@@ -108,18 +108,20 @@ async def put_entry(
             for item in error.errors()
         ]
         raise ChangeRefusedError(422, detail, "entry_invalid", errors=errors) from None
-    return _changed(await _manager(request).put_entry(entry, require_eval=require_eval))
+    return _changed(await manager.put_entry(entry, require_eval=require_eval))
 
 
 @router.delete("/entries/{entry_id}", dependencies=[AdminChange], responses=_ERRORS)
 async def delete_entry(
-    request: Request, entry_id: Annotated[str, Path(max_length=80)], require_eval: RequireEval = False
+    manager: KnowledgeManagerDep, entry_id: Annotated[str, Path(max_length=80)], require_eval: RequireEval = False
 ) -> Any:
     """Remove one entry; its questions are declined (or answered by another entry) from then on."""
-    return _changed(await _manager(request).delete_entry(entry_id, require_eval=require_eval))
+    return _changed(await manager.delete_entry(entry_id, require_eval=require_eval))
 
 
 @router.post("/rollback/{version}", dependencies=[AdminChange], responses=_ERRORS)
-async def rollback(request: Request, version: Annotated[int, Path(ge=1)], require_eval: RequireEval = False) -> Any:
+async def rollback(
+    manager: KnowledgeManagerDep, version: Annotated[int, Path(ge=1)], require_eval: RequireEval = False
+) -> Any:
     """Make an earlier version's dataset live again (stored as a new version)."""
-    return _changed(await _manager(request).rollback(version, require_eval=require_eval))
+    return _changed(await manager.rollback(version, require_eval=require_eval))

@@ -22,7 +22,7 @@ from starlette.websockets import WebSocketState
 from agents.agent import DeFiAgent, Question
 from agents.events import CompleteEvent, ErrorEvent, MetadataEvent, WordEvent
 from agents.validation import InvalidQuestionError
-from api.deps import api_key_required, client_key, spend_budget
+from api.deps import AgentDep, FeedbackDep, SessionsDep, SettingsDep, api_key_required, client_key, spend_budget
 from api.routes.feedback import FeedbackRefusedError, submit_feedback
 from api.schemas import FeedbackRequest
 from config import Settings
@@ -375,9 +375,8 @@ def origin_allowed(websocket: WebSocket, allowed_origins: list[str]) -> bool:
 
 
 @router.websocket("/ws/test")
-async def websocket_test(websocket: WebSocket) -> None:
+async def websocket_test(websocket: WebSocket, settings: SettingsDep) -> None:
     """The original frontend's "Test WS" button: accept, say so, close cleanly (1000)."""
-    settings: Settings = websocket.app.state.settings
     if not origin_allowed(websocket, settings.allowed_origins):
         await websocket.close(code=POLICY_VIOLATION, reason="origin not allowed")
         return
@@ -389,11 +388,10 @@ async def websocket_test(websocket: WebSocket) -> None:
 
 
 @router.websocket("/ws/ask")
-async def websocket_ask(websocket: WebSocket) -> None:
+async def websocket_ask(
+    websocket: WebSocket, agent: AgentDep, sessions: SessionsDep, settings: SettingsDep, feedback: FeedbackDep
+) -> None:
     """Chat over a WebSocket; see docs/api.md for the message protocol."""
-    agent: DeFiAgent = websocket.app.state.agent
-    sessions: SessionStore = websocket.app.state.sessions
-    settings: Settings = websocket.app.state.settings
     if not origin_allowed(websocket, settings.allowed_origins):
         logger.warning("websocket_origin_refused", origin=websocket.headers.get("origin"))
         await websocket.close(code=POLICY_VIOLATION, reason="origin not allowed")
@@ -403,7 +401,7 @@ async def websocket_ask(websocket: WebSocket) -> None:
         return
     await websocket.accept()
     WEBSOCKET_CONNECTIONS.inc()
-    connection = ChatConnection(websocket, agent, sessions, settings, getattr(websocket.app.state, "feedback", None))
+    connection = ChatConnection(websocket, agent, sessions, settings, feedback)
     structlog.contextvars.bind_contextvars(session=session_tag(connection.session_id))
     try:
         await connection.run()
