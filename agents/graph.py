@@ -57,7 +57,7 @@ class Node(Protocol):
 
 
 def timed(name: str) -> Callable[[Node], Node]:
-    """Record the node's duration in `agent_node_duration_seconds{node=name}`."""
+    """Record the node's duration in `agent_node_seconds{node=name}`."""
 
     def decorate(node: Node) -> Node:
         @functools.wraps(node)

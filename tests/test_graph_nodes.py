@@ -6,7 +6,7 @@ expected entry is unambiguous; the embedder returns those vectors for known text
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -15,9 +15,10 @@ from langgraph.runtime import Runtime
 
 from agents.context import AgentSettings, GraphContext
 from agents.events import MetadataEvent, WordEvent
-from agents.graph import NO_MATCH_PREFIX, compose, route_after_search, search, understand
+from agents.graph import INTERRUPTED_NOTICE, NO_MATCH_PREFIX, compose, generate, route_after_search, search, understand
 from agents.state import AgentState
 from agents.validation import InvalidQuestionError
+from services.generation import GenerationError, Passage
 from services.knowledge_base import Entry, KnowledgeBase
 from services.names import NameVocabulary
 from services.retrieval import BatchedRetriever, Match, Retriever
@@ -69,8 +70,30 @@ def retriever() -> Retriever:
     return Retriever(KNOWLEDGE_BASE, vectors, None)
 
 
-def runtime(retriever: Retriever, written: list[Any] | None = None) -> Runtime[GraphContext]:
-    context = GraphContext(SETTINGS, AxisEmbedder(), BatchedRetriever(retriever, SETTINGS.max_results))
+class ScriptedModel:
+    """A chat model that streams the given deltas (then fails with `fail_with`, if set) and records its input."""
+
+    def __init__(self, deltas: Sequence[str], fail_with: str | None = None, rewrite_to: str | None = None) -> None:
+        self.deltas = deltas
+        self.fail_with = fail_with
+        self.rewrite_to = rewrite_to
+        self.shown: list[tuple[str, list[Passage]]] = []
+
+    async def stream(self, question: str, passages: Sequence[Passage]) -> AsyncIterator[str]:
+        self.shown.append((question, list(passages)))
+        for delta in self.deltas:
+            yield delta
+        if self.fail_with is not None:
+            raise GenerationError(self.fail_with)
+
+    async def rewrite(self, question: str, previous_question: str) -> str | None:
+        return self.rewrite_to
+
+
+def runtime(
+    retriever: Retriever, written: list[Any] | None = None, model: ScriptedModel | None = None
+) -> Runtime[GraphContext]:
+    context = GraphContext(SETTINGS, AxisEmbedder(), BatchedRetriever(retriever, SETTINGS.max_results), model)
     writer = written.append if written is not None else (lambda _: None)
     return Runtime(context=context, stream_writer=writer)
 
@@ -107,9 +130,62 @@ async def test_search_keeps_the_candidate_whose_best_entry_scores_higher(retriev
     assert update["confidence"] == round(matches[0].score, 4) and update["confidence"] >= SETTINGS.similarity_threshold
 
 
+async def test_understand_puts_the_chat_models_rewrite_first(retriever: Retriever) -> None:
+    model = ScriptedModel([], rewrite_to="What are the risks of Aave?")
+    update = await understand(
+        state(question="what are its risks?", previous_question="What is Aave?"),
+        runtime=runtime(retriever, model=model),
+    )
+    assert update["candidates"] == ["What are the risks of Aave?", "what are Aave's risks?", "what are its risks?"]
+
+
 async def test_route_after_search_composes_without_a_chat_model(retriever: Retriever) -> None:
     matched = state(matches=[Match(ENTRIES[0], 0.9)], confidence=0.9)
     assert await route_after_search(matched, runtime=runtime(retriever)) == "compose"
+
+
+async def test_route_after_search_sends_only_matched_questions_to_the_chat_model(retriever: Retriever) -> None:
+    with_model = runtime(retriever, model=ScriptedModel([]))
+    matched = state(question="what is aave?", matches=[Match(ENTRIES[0], 0.9)], confidence=0.9)
+    assert await route_after_search(matched, runtime=with_model) == "generate"
+    declined = state(question="what is aave?", matches=[Match(ENTRIES[0], 0.2)], confidence=0.2)
+    assert await route_after_search(declined, runtime=with_model) == "compose"
+
+
+async def test_generate_streams_the_models_words_with_the_entries_it_saw_as_sources(retriever: Retriever) -> None:
+    model = ScriptedModel(["Aave lets you bor", "row [1]", ". "])
+    written: list[Any] = []
+    matches = [Match(ENTRIES[0], 0.9), Match(ENTRIES[1], 0.5)]
+    update = await generate(
+        state(streaming=True, session_id="s1", resolved_question="What is Aave?", matches=matches, confidence=0.9),
+        runtime=runtime(retriever, written, model),
+    )
+    assert update == {
+        "answer": "Aave lets you borrow [1].",
+        "sources": [Source("what-is-aave", "What is Aave?", 0.9), Source("what-is-uniswap", "What is Uniswap?", 0.5)],
+        "processing_stage": "response_complete",
+        "error": None,
+    }
+    question, passages = model.shown[0]
+    assert question == "What is Aave?"
+    assert [(passage.number, passage.question) for passage in passages] == [
+        (1, "What is Aave?"),
+        (2, "What is Uniswap?"),
+    ]
+    assert written[0] == MetadataEvent("s1", None, 0.9, tuple(update["sources"]))
+    assert written[1:] == [WordEvent(word, index, 0.9) for index, word in enumerate(update["answer"].split())]
+
+
+async def test_generate_falls_back_to_the_entry_keeping_the_words_already_sent(retriever: Retriever) -> None:
+    matched = {"resolved_question": "What is Aave?", "matches": [Match(ENTRIES[0], 0.9)], "confidence": 0.9}
+    failing = ScriptedModel(["Aave is "], fail_with="stream_interrupted")
+    written: list[Any] = []
+    update = await generate(state(streaming=True, **matched), runtime=runtime(retriever, written, failing))
+    assert update["answer"] == f"Aave is {INTERRUPTED_NOTICE} {ENTRIES[0].answer}"
+    assert update["error"] == "generative_fallback: stream_interrupted"
+    assert [event.content for event in written[1:]] == update["answer"].split()
+    quiet = await generate(state(**matched), runtime=runtime(retriever, model=ScriptedModel([], fail_with="timeout")))
+    assert quiet["answer"] == ENTRIES[0].answer and quiet["error"] == "generative_fallback: timeout"
 
 
 async def test_compose_answers_from_the_top_entry_and_streams_typed_events(retriever: Retriever) -> None:

@@ -25,6 +25,14 @@ SERVICES = {
     "QuestionLog",
     "FeedbackStore",
     "Insights",
+    "KnowledgeManager",
+    "KnowledgeVersions",
+    "MemoryCache",
+    "DiskCache",
+    "SharedCache",
+    "SystemSampler",
+    "Monitoring",
+    "create_redis",
 }
 ALLOWED_BUILDERS = {"main", "bootstrap"}
 
@@ -60,8 +68,10 @@ def test_imports_flow_one_way(path: Path) -> None:
 
 
 def test_only_the_composition_root_constructs_services() -> None:
+    """The command-line scripts too build their services through bootstrap.py (the bench's provider baseline,
+    which measures the bare model, is the one deliberate exception and lives outside these folders)."""
     offenders = []
-    for path in _modules():
+    for path in _modules() + sorted((ROOT / "scripts").glob("*.py")):
         if _layer(path) in ALLOWED_BUILDERS:
             continue
         for node in ast.walk(ast.parse(path.read_text())):
@@ -74,4 +84,4 @@ def test_only_the_composition_root_constructs_services() -> None:
         for node in ast.walk(ast.parse((ROOT / "bootstrap.py").read_text()))
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
     }
-    assert {"DeFiAgent", "EmbeddingService", "LiveKnowledge"} <= root_calls
+    assert {"DeFiAgent", "EmbeddingService", "LiveKnowledge", "KnowledgeManager", "QuestionLog"} <= root_calls
