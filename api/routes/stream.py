@@ -1,4 +1,4 @@
-"""Server-Sent Events: the agent's stream events as `data: <json>` lines (FastAPI's native SSE)."""
+"""Server-Sent Events: the agent's stream events as `data: <json>` lines (the bytes of FastAPI's native SSE)."""
 
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ from typing import Annotated, Any
 
 import structlog
 from fastapi import APIRouter, Depends, Query, Request, Response
-from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from agents.agent import Question
 from agents.events import StreamEvent
 from api.deps import AgentDep, QuestionBudget, accept_question
 from api.schemas import AskRequest, ErrorResponse, SessionAskRequest
+from api.sse import ITEM_SCHEMA, EventStreamResponse, sse_data
 
 logger = structlog.get_logger(__name__)
 router = APIRouter(tags=["streaming"])
@@ -24,10 +24,11 @@ def _json_error(description: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
-# FastAPI documents the 200 itself (text/event-stream with an `itemSchema` of the yielded events).
+# The 200 as FastAPI documents a native SSE endpoint: text/event-stream with an `itemSchema` of the events.
 _STREAM_DOC: dict[int | str, dict[str, Any]] = {
     200: {
-        "description": "`data:` lines carrying `metadata`, then `word`..., then `complete` (or `error`) JSON events."
+        "description": "`data:` lines carrying `metadata`, then `word`..., then `complete` (or `error`) JSON events.",
+        "content": {"text/event-stream": {"itemSchema": ITEM_SCHEMA}},
     },
     413: _json_error("Body too large"),
     422: _json_error("Invalid question or request"),
@@ -64,7 +65,7 @@ async def _query_question(
 QuestionFrom = Callable[..., Awaitable[Question]]
 
 
-def stream_endpoint(accept: QuestionFrom) -> Callable[..., AsyncIterator[ServerSentEvent]]:
+def stream_endpoint(accept: QuestionFrom) -> Callable[..., Awaitable[EventStreamResponse]]:
     """An SSE endpoint streaming the agent's events for the question `accept` prepared.
 
     The agent's stream is opened in a dependency and closed when the request ends, on the request's own
@@ -85,10 +86,12 @@ def stream_endpoint(accept: QuestionFrom) -> Callable[..., AsyncIterator[ServerS
             await events.aclose()  # at once when the client is gone, or after the last event
 
     async def endpoint(
+        response: Response,
         events: AsyncGenerator[StreamEvent, None] = Depends(events_of),  # noqa: B008
-    ) -> AsyncIterator[ServerSentEvent]:
-        async for event in events:
-            yield ServerSentEvent(data=event.to_wire())
+    ) -> EventStreamResponse:
+        # The headers the dependencies set (X-Session-ID) follow the stream's own, as with FastAPI's SSE.
+        encoded = (sse_data(event.to_wire()) async for event in events)
+        return EventStreamResponse(encoded, response.status_code or 200, response.headers.raw)
 
     return endpoint
 
@@ -100,7 +103,7 @@ def _add(path: str, method: str, accept: QuestionFrom, name: str, description: s
         methods=[method],
         name=name,
         description=description,
-        response_class=EventSourceResponse,
+        response_class=EventStreamResponse,
         responses=_STREAM_DOC,
         dependencies=[QuestionBudget],
     )
