@@ -49,7 +49,6 @@ MAX_EVAL_DROP = 0.02  # ?require_eval=true refuses a change whose hit@1 falls by
 NEAR_DUPLICATE = 0.95  # two entries whose questions are this similar (cosine) are probably one
 MAX_WARNINGS = 100
 INCREMENTAL_MAX_ENTRIES = 25  # changes touching more entries refit the whole classifier before going live
-REFIT_DELAY_SECONDS = 30.0  # quiet time after the last change before the full fit of a provisional snapshot
 
 
 class ChangeRefusedError(Exception):
@@ -105,9 +104,13 @@ async def sync_seed(database: Database, versions: KnowledgeVersions, seed_path: 
 
 
 def diff_datasets(live: KnowledgeBase, proposed: KnowledgeBase) -> dict[str, list[str]]:
-    """Entry ids added, changed (any field) and removed between two datasets."""
-    before = {entry.id: entry for entry in live.entries}
-    after = {entry.id: entry for entry in proposed.entries}
+    """Entry ids added, changed (any field) and removed between two datasets.
+
+    Fields only: an entry's private vocabulary (every subject of its dataset) differs as soon as any entry
+    adds a subject, and must not make every entry count as changed.
+    """
+    before = {entry.id: entry.model_dump() for entry in live.entries}
+    after = {entry.id: entry.model_dump() for entry in proposed.entries}
     return {
         "added": [entry_id for entry_id in after if entry_id not in before],
         "changed": [entry_id for entry_id in after if entry_id in before and after[entry_id] != before[entry_id]],
@@ -176,6 +179,7 @@ class KnowledgeManager:
         threshold: float,
         eval_questions: Sequence[LabelledQuestion],
         review_max_days: int,
+        refit_delay_seconds: float = 30.0,
         redis: Redis | None = None,
     ) -> None:
         self._live = live
@@ -186,6 +190,7 @@ class KnowledgeManager:
         self._threshold = threshold
         self._eval_questions = list(eval_questions)
         self.review_max_days = review_max_days
+        self._refit_delay_seconds = refit_delay_seconds
         self._redis = redis
         self._lock = asyncio.Lock()
         self._refining: set[asyncio.Task[None]] = set()
@@ -384,8 +389,9 @@ class KnowledgeManager:
     def _refine_later(self, snapshot: KnowledgeSnapshot) -> None:
         """After a provisional snapshot went live: fit the whole classifier in the background, then swap it in.
 
-        The fit waits REFIT_DELAY_SECONDS first, and a newer change cancels a waiting one: a burst of edits
-        costs one full fit, not one per edit, and the quick updates of the burst do not compete with it.
+        The fit waits `refit_delay_seconds` (KB_REFIT_DELAY_SECONDS) first, and a newer change cancels a waiting
+        one: a burst of edits costs one full fit, not one per edit, and the quick updates of the burst do not
+        compete with it.
         """
         for task in self._refining:
             task.cancel()
@@ -396,7 +402,7 @@ class KnowledgeManager:
         task.add_done_callback(self._refining.discard)
 
     async def _refine(self, provisional: KnowledgeSnapshot) -> None:
-        await asyncio.sleep(REFIT_DELAY_SECONDS)
+        await asyncio.sleep(self._refit_delay_seconds)
         if self._live.current is not provisional:
             return
         try:

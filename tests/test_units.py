@@ -11,6 +11,7 @@ import pytest
 from agents.followup import extract_topic, resolve_follow_up
 from agents.validation import InvalidQuestionError, clean_question
 from infrastructure.runtime_tuning import freeze_startup_heap
+from services.knowledge_admin import diff_datasets, parse_dataset
 from services.knowledge_base import DatasetError, load_knowledge_base
 
 GOOD = {
@@ -100,3 +101,15 @@ def test_freeze_startup_heap_takes_live_objects_out_of_the_collector() -> None:
         assert gc.get_freeze_count() >= before + len(survivors)
     finally:
         gc.unfreeze()
+
+
+def test_a_new_subject_changes_no_other_entry() -> None:
+    """Adding an entry with a new subject changes every entry's vocabulary, not its fields: one entry added."""
+    seed = Path(__file__).resolve().parents[1] / "data" / "knowledge_base.json"
+    live = parse_dataset(seed.read_bytes(), "seed")
+    entries = json.loads(seed.read_text())
+    added = {**entries[0], "id": "zorblax-token", "subjects": ["Zorblax"], "question": "What is the Zorblax token?"}
+    changed = {**entries[1], "answer": entries[1]["answer"] + " One more sentence."}
+    proposed = parse_dataset(json.dumps([entries[0], changed, *entries[2:], added]).encode(), "request")
+    assert proposed.entries[0].vocabulary != live.entries[0].vocabulary  # the private part did change
+    assert diff_datasets(live, proposed) == {"added": ["zorblax-token"], "changed": [entries[1]["id"]], "removed": []}
