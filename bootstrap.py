@@ -276,6 +276,7 @@ def build_knowledge_manager(settings: Settings, services: Services, versions: Kn
         threshold=settings.agent_similarity_threshold,
         eval_questions=load_labelled_questions(settings.dataset_path.parent / "eval_questions.json"),
         review_max_days=settings.kb_review_max_days,
+        refit_delay_seconds=settings.kb_refit_delay_seconds,
         redis=services.redis,
     )
 

@@ -144,6 +144,7 @@ class Settings(BaseSettings):
     # Live knowledge base (admin API)
     kb_review_max_days: int = Field(default=180, ge=1, le=3650)
     admin_max_body_bytes: int = Field(default=8_388_608, ge=16_384, le=104_857_600)
+    kb_refit_delay_seconds: float = Field(default=30.0, ge=0.0, le=3600.0)  # quiet time before a full refit
 
     # Streaming
     stream_word_delay_ms: float = Field(default=0.0, ge=0.0, le=2000.0)

@@ -87,7 +87,14 @@ def cluster(
     directory = tmp_path_factory.mktemp("live-kb")
     dataset = dataset_copy(directory / "seed")
     database_url = f"sqlite:///{directory}/shared.db"
-    env = {"ADMIN_TOKEN": TOKEN, "DATABASE_URL": database_url, "DATASET_PATH": str(dataset)}
+    # No background full refit while the module runs: each would take a core for tens of seconds in the middle
+    # of other tests; test_a_small_change_is_refitted_in_the_background checks that path on its own server.
+    env = {
+        "ADMIN_TOKEN": TOKEN,
+        "DATABASE_URL": database_url,
+        "DATASET_PATH": str(dataset),
+        "KB_REFIT_DELAY_SECONDS": "3600",
+    }
     # One after the other: A writes the index to the session's cache, so B starts warm.
     a = start_server(**env, REDIS_URL=redis_server.url)
     b = start_server(**env, REDIS_URL=redis_server.url)
@@ -538,8 +545,7 @@ def test_changed_seed_file_becomes_a_new_version(
     target = entries[2]
     target["answer"] += " This sentence was added to the seed file."
     replaced = change("POST", a, "", json.dumps(entries).encode())
-    edited = stored_document(cluster, replaced["version"])  # the canonical bytes: their full index gets cached
-    wait_refitted(a, replaced["version"])
+    edited = stored_document(cluster, replaced["version"])  # the canonical bytes
     newest = change("PUT", a, f"/entries/{ENTRY_ID}", topic("newest-before-seed"))  # the file is not the newest
 
     path = dataset_copy(tmp_path_factory.mktemp("edited-seed"), edited)
@@ -565,3 +571,26 @@ def test_changed_seed_file_becomes_a_new_version(
         response = httpx.request(method, f"{d.base_url}{BASE}{route}", headers=AUTH, timeout=30, **kwargs)
         check_error(response, 403, "forbidden")
     assert versions(d, headers={})[0] == seed
+
+
+# --- 7. a small change goes live with a quickly updated classifier, then the whole classifier is refitted -------
+
+
+def test_a_small_change_is_refitted_in_the_background(
+    start_server: Callable[..., ServerProcess], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    directory = tmp_path_factory.mktemp("refit")
+    dataset = dataset_copy(directory / "seed")
+    server = start_server(
+        ADMIN_TOKEN=TOKEN,
+        DATABASE_URL=f"sqlite:///{directory}/refit.db",
+        DATASET_PATH=str(dataset),
+        KB_REFIT_DELAY_SECONDS="0.5",
+    )
+    assert status(server)["provisional"] is False  # a start fits the whole classifier
+    changed = change("PUT", server, f"/entries/{ENTRY_ID}", topic("refit-pending"))
+    live = status(server)
+    assert live["version"] == changed["version"] and live["provisional"] is True, live  # a full fit takes seconds
+    assert answers_with("refit-pending", changed["version"])(ask(server))
+    wait_refitted(server, changed["version"])
+    assert answers_with("refit-pending", changed["version"])(ask(server))  # same version, same answer
