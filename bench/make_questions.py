@@ -1,4 +1,4 @@
-"""Generate bench/questions.txt: several thousand distinct DeFi questions for the unique-question phases.
+"""Generate bench/questions.txt: 20,000 distinct DeFi questions (every combination) for the unique-question phases.
 
 Deterministic (no randomness): every (template, topic, phrasing) combination is built, the list is
 visited in a fixed coprime-stride order so neighbouring lines differ in topic and wording, and the
@@ -21,7 +21,7 @@ from agents.followup import looks_like_follow_up
 from services.text import normalize_text
 
 OUTPUT = Path(__file__).resolve().parent / "questions.txt"
-QUESTION_COUNT = 12_000  # a full `make bench` uses ~10,300: no question is sent twice in a run
+QUESTION_COUNT = 20_000  # every combination; a full `make bench` sends ~12,300 before the soak, none twice
 
 TOPICS = [
     "impermanent loss",
