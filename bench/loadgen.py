@@ -20,6 +20,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from string import Template
 from typing import Any
 
@@ -147,7 +148,7 @@ async def closed_loop(
                 try:
                     sample = await asyncio.wait_for(worker.request(), REQUEST_TIMEOUT_SECONDS)
                 except Exception as error:  # every failure is counted, none stops the phase
-                    outcome.errors[_describe(error)] += 1
+                    outcome.errors[describe_error(error)] += 1
                 else:
                     outcome.record(sample)
         finally:
@@ -158,7 +159,8 @@ async def closed_loop(
     return outcome
 
 
-def _describe(error: BaseException) -> str:
+def describe_error(error: BaseException) -> str:
+    """The error's type and the first line of its message (shortened), for counting errors by kind."""
     text = str(error).splitlines()[0][:80] if str(error) else ""
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
@@ -275,16 +277,26 @@ async def ws_ask(connection: ClientConnection, question: str) -> dict[str, float
 
 
 class WebSocketWorker(Worker):
-    """One chat connection kept open, asking questions one after another (reconnects after a failure)."""
+    """One chat connection kept open, asking questions one after another (reconnects after a failure).
 
-    def __init__(self, url: str, next_question: Callable[[], str]) -> None:
+    With `questions_per_connection`, the worker closes its connection after that many questions and
+    opens a new one for the next (connection churn, as in the soak).
+    """
+
+    def __init__(self, url: str, next_question: Callable[[], str], questions_per_connection: int | None = None) -> None:
         self.url = url
         self.next_question = next_question
+        self.questions_per_connection = questions_per_connection
         self.connection: ClientConnection | None = None
+        self.asked = 0  # on the current connection
 
     async def request(self) -> dict[str, float]:
+        if self.connection is not None and self.asked == self.questions_per_connection:
+            await self.close()
         if self.connection is None:
             self.connection = await ws_connect(self.url)
+            self.asked = 0
+        self.asked += 1
         try:
             return await ws_ask(self.connection, self.next_question())
         except BaseException:
@@ -334,7 +346,7 @@ async def many_websockets(url: str, questions: list[str], limit_seconds: float) 
             first_words.append(sample["first_word"])
             completes.append(sample["complete"])
         except Exception as error:
-            errors[_describe(error)] += 1
+            errors[describe_error(error)] += 1
         finally:
             if not is_settled:
                 settle()
@@ -342,7 +354,7 @@ async def many_websockets(url: str, questions: list[str], limit_seconds: float) 
                 try:
                     await asyncio.wait_for(connection.close(), 10)
                 except Exception as error:
-                    errors[f"close: {_describe(error)}"] += 1
+                    errors[f"close: {describe_error(error)}"] += 1
                 opened -= 1
 
     tasks = [asyncio.create_task(one(question)) for question in questions]
@@ -365,6 +377,42 @@ async def many_websockets(url: str, questions: list[str], limit_seconds: float) 
             "first_word": summarize(first_words),
             "complete": summarize(completes),
         },
+    }
+
+
+async def many_streams(base_url: str, questions: list[str], limit_seconds: float) -> dict[str, Any]:
+    """POST /ask-stream once per question, all at once (one connection each), each read to `complete`."""
+    errors: Counter[str] = Counter()
+    timings: dict[str, list[float]] = {"first_word": [], "complete": []}
+    started = time.perf_counter()
+    async with http_client(base_url, len(questions)) as client:
+        worker = SSEWorker(client, partial(next, iter(questions)))
+
+        async def one() -> None:
+            try:
+                sample = await worker.request()
+            except Exception as error:
+                errors[describe_error(error)] += 1
+            else:
+                for name, value in sample.items():
+                    timings[name].append(value)
+
+        tasks = [asyncio.create_task(one()) for _ in questions]
+        _, pending = await asyncio.wait(tasks, timeout=limit_seconds)
+        for task in pending:
+            task.cancel()
+        if pending:
+            errors["timeout: no answer within the phase limit"] += len(pending)
+            await asyncio.gather(*pending, return_exceptions=True)
+    elapsed = time.perf_counter() - started
+    return {
+        "streams": len(questions),
+        "answered": len(timings["complete"]),
+        "errors": sum(errors.values()),
+        "error_kinds": dict(errors.most_common(5)),
+        "total_s": round(elapsed, 3),
+        "throughput_per_s": round(len(timings["complete"]) / elapsed, 2),
+        "latency_ms": {name: summarize(values) for name, values in timings.items()},
     }
 
 
@@ -598,7 +646,7 @@ class ResourceSampler:
         self.client = ProcessWatch(os.getpid(), include_children=False)  # the server is our child
         self.interval = interval
         self.peak_rss = 0
-        self._samples: list[int] = []
+        self.samples: list[tuple[float, int]] = []  # (seconds since the phase began, RSS bytes)
         self._task: asyncio.Task[None] | None = None
         self._started = 0.0
         self._server_cpu = 0.0
@@ -612,19 +660,21 @@ class ResourceSampler:
         self._task = asyncio.create_task(self._run())
         return self
 
+    def _sample(self) -> None:
+        rss = self.server.rss_bytes()
+        self.samples.append((time.perf_counter() - self._started, rss))
+        self.peak_rss = max(self.peak_rss, rss)
+
     async def _run(self) -> None:
         while True:
-            rss = self.server.rss_bytes()
-            self._samples.append(rss)
-            self.peak_rss = max(self.peak_rss, rss)
+            self._sample()
             await asyncio.sleep(self.interval)
 
     async def __aexit__(self, *_: object) -> None:
         assert self._task is not None
         self._task.cancel()
         await asyncio.gather(self._task, return_exceptions=True)
-        rss = self.server.rss_bytes()
-        self.peak_rss = max(self.peak_rss, rss)
+        self._sample()
         self.elapsed = time.perf_counter() - self._started
         self.server_cpu = self.server.cpu_seconds() - self._server_cpu
         self.client_cpu = self.client.cpu_seconds() - self._client_cpu
@@ -632,10 +682,20 @@ class ResourceSampler:
         self.machine_busy = machine[0] - self._machine[0]
         self.steal = machine[1] - self._machine[1]
 
+    def series_mb(self, every: float) -> list[list[float]]:
+        """[seconds, RSS MB] at most one sample per `every` seconds, the last sample included."""
+        series: list[list[float]] = []
+        last = len(self.samples) - 1
+        for index, (seconds, rss) in enumerate(self.samples):
+            if not series or seconds - series[-1][0] >= every or index == last:
+                series.append([round(seconds, 1), round(rss / 2**20, 1)])
+        return series
+
     def to_json(self) -> dict[str, Any]:
         elapsed = max(self.elapsed, 1e-9)
         return {
             "server_rss_peak_mb": round(self.peak_rss / 2**20, 1),
+            "server_rss_end_mb": round(self.samples[-1][1] / 2**20, 1),
             "server_cpu_cores": round(self.server_cpu / elapsed, 2),
             "client_cpu_cores": round(self.client_cpu / elapsed, 2),
             # Everything else on the machine (other processes): the benchmark shares the 2 cores with them.
@@ -716,13 +776,23 @@ def metric_delta(before: dict[str, float], after: dict[str, float]) -> dict[str,
 
 
 async def measured(
-    server: ProcessWatch, client: httpx.AsyncClient, body: Callable[[], Awaitable[dict[str, Any]]]
+    server: ProcessWatch,
+    client: httpx.AsyncClient,
+    body: Callable[[], Awaitable[dict[str, Any]]],
+    rss_series_every: float | None = None,
 ) -> dict[str, Any]:
-    """Run `body` with resources sampled and the server's own metrics diffed around it."""
+    """Run `body` with resources sampled and the server's own metrics diffed around it.
+
+    With `rss_series_every`, the resources also hold the server's RSS over the phase
+    (`server_rss_series_mb`, one [seconds, MB] pair per that many seconds).
+    """
     before = await scrape_metrics(client)
     async with ResourceSampler(server) as sampler:
         result = await body()
     # wrk, a child process, is not watched by the sampler: its CPU time is its own report.
     sampler.client_cpu += result.get("wrk_cpu_s", 0.0)
     after = await settled_metrics(client)
-    return {**result, "resources": sampler.to_json(), "server_metrics": metric_delta(before, after)}
+    resources = sampler.to_json()
+    if rss_series_every is not None:
+        resources["server_rss_series_mb"] = sampler.series_mb(rss_series_every)
+    return {**result, "resources": resources, "server_metrics": metric_delta(before, after)}
