@@ -16,6 +16,7 @@ from api.monitoring import Monitoring, warn_if_operator_endpoints_open
 from api.routes import admin, ask, feedback, health, knowledge_admin, openai_api, operations, stream, ui, websocket
 from bootstrap import build_rate_limiter, load_seed_or_exit, start_services, stop_services
 from config import APP_VERSION, Settings, get_settings
+from infrastructure.http_server import LimitedHttpToolsProtocol, LimitedWebSocketProtocol
 from infrastructure.logging import configure_logging
 from infrastructure.metrics import mark_process_dead, multiprocess_metrics
 from infrastructure.rate_limit import parse_networks
@@ -134,11 +135,6 @@ app = create_app()
 
 def run() -> None:
     """Serve with uvicorn on HOST:PORT, with the timeouts and limits documented in docs/deployment.md."""
-    # Imported here, where only the serving process gets it: the module loads uvicorn's `websockets` protocol,
-    # which warns on import (UvicornDeprecationWarning) wherever `main` would be imported. Workers import it
-    # through uvicorn's config.
-    from infrastructure.http_server import LimitedHttpToolsProtocol, LimitedWebSocketProtocol
-
     settings = get_settings()
     with multiprocess_metrics(enabled=settings.workers > 1 and not settings.reload):
         uvicorn.run(
@@ -157,8 +153,9 @@ def run() -> None:
             http=LimitedHttpToolsProtocol,
             timeout_keep_alive=settings.keep_alive_timeout_seconds,
             timeout_graceful_shutdown=settings.graceful_shutdown_seconds,
-            # uvicorn's "websockets" implementation (closes bad frames, e.g. invalid UTF-8, without logging
-            # tracebacks), which gives the client's connection slot back when the socket closes.
+            # uvicorn's sans-I/O "websockets" implementation (one task and two timers per socket), which gives
+            # the client's connection slot back when the socket closes, drains at shutdown and closes invalid
+            # UTF-8 with 1007 without logging a traceback.
             ws=LimitedWebSocketProtocol,
             ws_max_size=1024 * 1024,
             ws_ping_interval=20,
