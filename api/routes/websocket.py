@@ -2,14 +2,19 @@
 
 Receiving runs concurrently with answering, so `cancel` and `ping` are honoured mid-stream; questions
 sent while an answer streams wait in a bounded queue and are answered in order.
+
+An idle connection holds one task (the route's, receiving) and one timer (the heartbeat): the answering
+task exists only while questions are answered, and shutdown reaches a connection through a listener
+(infrastructure/shutdown.py). Ten thousand idle sockets are the norm for a chat service (docs/performance.md).
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import json
 import time
-from collections import deque
+from collections.abc import Coroutine
 from contextlib import aclosing, suppress
 from typing import Any
 from urllib.parse import urlsplit
@@ -29,7 +34,7 @@ from config import Settings
 from infrastructure.logging import session_tag
 from infrastructure.metrics import STREAMS_CANCELLED, WEBSOCKET_CONNECTIONS, WEBSOCKET_MESSAGES
 from infrastructure.rate_limit import RateLimitExceededError, from_trusted_proxy
-from infrastructure.shutdown import SERVICE_RESTART, drain_event
+from infrastructure.shutdown import SERVICE_RESTART, on_drain
 from middleware.errors import describe_validation
 from services.feedback import FeedbackStore
 from services.sessions import Session, SessionStore, SessionStoreUnavailableError, new_session_id
@@ -42,6 +47,14 @@ PROTOCOL_VERSION = "1.0"
 REFERENCE_PREFIX = "\n\n📚 **Reference**: "
 POLICY_VIOLATION = 1008
 _CLIENT_TYPES = frozenset({"question", "cancel", "ping", "heartbeat_response", "feedback"})
+_background: set[asyncio.Task[None]] = set()  # short tasks started from callbacks (heartbeats, drains)
+
+
+def _in_background(coroutine: Coroutine[Any, Any, None], name: str) -> None:
+    """Run `coroutine` as a task kept referenced until it ends."""
+    task = asyncio.create_task(coroutine, name=name)
+    _background.add(task)
+    task.add_done_callback(_background.discard)
 
 
 class _PolicyViolationError(Exception):
@@ -73,11 +86,14 @@ class ChatConnection:
         self.session_id = new_session_id()
         self.session: Session | None = None
         # (question, whether to append reference lines: only for the original frontend's `data` form)
-        self.questions: asyncio.Queue[tuple[str, bool]] = asyncio.Queue(maxsize=settings.ws_max_queued_questions)
+        self.questions: list[tuple[str, bool]] = []  # a few at most (WS_MAX_QUEUED_QUESTIONS): a list is smallest
         self.current_answer: asyncio.Task[None] | None = None
         self.last_heard = time.monotonic()
-        self._recent_messages: deque[float] = deque()
+        self._recent_messages: list[float] = []  # arrival times within the last minute, oldest first
         self._send_lock = asyncio.Lock()
+        self._answering: asyncio.Task[None] | None = None  # answers the queued questions, while there are any
+        self._heartbeat: asyncio.TimerHandle | None = None
+        self._failure: BaseException | None = None  # an unexpected error of the answering task
 
     async def send(self, message: dict[str, Any]) -> None:
         """Send one JSON message, stamped with the server time."""
@@ -103,26 +119,25 @@ class ChatConnection:
                 },
             }
         )
-        tasks = [
-            asyncio.create_task(self._receive_loop(), name="ws-receive"),
-            asyncio.create_task(self._answer_loop(), name="ws-answer"),
-            asyncio.create_task(self._heartbeat_loop(), name="ws-heartbeat"),
-            asyncio.create_task(self._close_when_draining(), name="ws-drain"),
-        ]
+        self._schedule_heartbeat()
+        stop_listening = on_drain(self._begin_drain)
         try:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                error = task.exception()
-                if isinstance(error, _PolicyViolationError):
-                    await self._close(POLICY_VIOLATION, str(error))
-                elif error is not None and not isinstance(error, WebSocketDisconnect):
-                    raise error
+            await self._receive_loop()
+        except _PolicyViolationError as error:
+            await self._close(POLICY_VIOLATION, str(error))
+        except WebSocketDisconnect:
+            pass
         finally:
-            for task in tasks:
-                task.cancel()
-            for task in tasks:
+            stop_listening()
+            if self._heartbeat is not None:
+                self._heartbeat.cancel()
+            answering = self._answering
+            if answering is not None and not answering.done():
+                answering.cancel()
                 with suppress(asyncio.CancelledError, Exception):
-                    await task
+                    await answering
+        if self._failure is not None:
+            raise self._failure
 
     async def _close(self, code: int, reason: str) -> None:
         if self.websocket.application_state == WebSocketState.CONNECTED:
@@ -154,8 +169,7 @@ class ChatConnection:
     def _count_message(self) -> None:
         now = time.monotonic()
         self._recent_messages.append(now)
-        while self._recent_messages and now - self._recent_messages[0] > 60.0:
-            self._recent_messages.popleft()
+        del self._recent_messages[: bisect.bisect_left(self._recent_messages, now - 60.0)]
         if len(self._recent_messages) > self.settings.ws_max_messages_per_minute:
             raise _PolicyViolationError("too many messages")
 
@@ -202,7 +216,7 @@ class ChatConnection:
         except InvalidQuestionError as error:
             await self.send_error(error.detail, error.code, 422)
             return
-        if self.questions.full():  # refused before it costs the client any budget
+        if len(self.questions) >= self.settings.ws_max_queued_questions:  # refused before it costs any budget
             await self.send_error(
                 f"Too many questions waiting (limit {self.settings.ws_max_queued_questions}); wait for an answer",
                 "queue_full",
@@ -214,7 +228,10 @@ class ChatConnection:
         except RateLimitExceededError as error:
             await self.send_error(error.detail, "rate_limited", 429)
             return
-        self.questions.put_nowait((question.text, isinstance(data, dict)))
+        self.questions.append((question.text, isinstance(data, dict)))
+        if self._answering is None or self._answering.done():  # done: its callback has not run yet
+            self._answering = asyncio.create_task(self._answer_queued(), name="ws-answer")
+            self._answering.add_done_callback(self._answering_ended)
 
     async def _record_feedback(self, payload: dict[str, Any]) -> None:
         """A rating of an answer given on this connection (or any other): `feedback_recorded`, or an `error`."""
@@ -244,9 +261,10 @@ class ChatConnection:
         if task is not None and not task.done():
             task.cancel()
 
-    async def _answer_loop(self) -> None:
-        while True:
-            text, with_references = await self.questions.get()
+    async def _answer_queued(self) -> None:
+        """Answer the waiting questions in order, each as its own task (so `cancel` stops only that one)."""
+        while self.questions:
+            text, with_references = self.questions.pop(0)
             task = asyncio.create_task(self._stream_answer(text, with_references), name="ws-stream-answer")
             self.current_answer = task
             try:
@@ -260,6 +278,17 @@ class ChatConnection:
                     task.exception()  # retrieved here even when this loop is being cancelled
             if not task.cancelled() and (error := task.exception()) is not None:
                 raise error
+
+    def _answering_ended(self, task: asyncio.Task[None]) -> None:
+        """The queue is empty (the next question starts a new task), or answering failed: then close (1011)."""
+        if self._answering is task:
+            self._answering = None
+        if task.cancelled():
+            return
+        error = task.exception()
+        if error is not None and not isinstance(error, WebSocketDisconnect | RuntimeError):
+            self._failure = error  # raised by `run` once the socket has closed
+            _in_background(self._close(1011, "internal error"), "ws-close-failed")
 
     async def _resolve(self, text: str) -> Question | None:
         """The question inside this connection's session (created with the first question); None if refused."""
@@ -324,24 +353,33 @@ class ChatConnection:
             for offset, source in enumerate(cited)
         ]
 
-    async def _close_when_draining(self) -> None:
+    def _begin_drain(self) -> None:
+        _in_background(self._close_when_drained(), "ws-drain")
+
+    async def _close_when_drained(self) -> None:
         """At shutdown, let the answer being streamed finish, then close with 1012 (infrastructure/shutdown.py)."""
-        await drain_event().wait()
         current = self.current_answer
         if current is not None and not current.done():
             await asyncio.wait([current])
         logger.info("websocket_drained", session=session_tag(self.session_id))
         await self._close(SERVICE_RESTART, "server restarting")
 
-    async def _heartbeat_loop(self) -> None:
+    def _schedule_heartbeat(self) -> None:
         interval = self.settings.ws_heartbeat_interval_seconds
-        idle_limit = interval * self.settings.ws_idle_timeout_intervals
-        while True:
-            await asyncio.sleep(interval)
-            if time.monotonic() - self.last_heard > idle_limit:
-                logger.info("websocket_idle_closed", session=session_tag(self.session_id))
-                await self._close(1000, "idle timeout")
-                return
+        self._heartbeat = asyncio.get_running_loop().call_later(interval, self._heartbeat_due)
+
+    def _heartbeat_due(self) -> None:
+        """Every WS_HEARTBEAT_INTERVAL_SECONDS: a `heartbeat`, or close (1000) a client silent for too long."""
+        idle_limit = self.settings.ws_heartbeat_interval_seconds * self.settings.ws_idle_timeout_intervals
+        if time.monotonic() - self.last_heard > idle_limit:
+            logger.info("websocket_idle_closed", session=session_tag(self.session_id))
+            _in_background(self._close(1000, "idle timeout"), "ws-idle-close")
+            return
+        _in_background(self._send_heartbeat(), "ws-heartbeat")
+        self._schedule_heartbeat()
+
+    async def _send_heartbeat(self) -> None:
+        with suppress(WebSocketDisconnect, RuntimeError):  # the client left: the receiving side ends the connection
             await self.send({"type": "heartbeat"})
 
 
