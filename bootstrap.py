@@ -27,7 +27,12 @@ from infrastructure.database import Database, describe_url
 from infrastructure.metrics import register_cache_sizes, set_build_info, sizes_of
 from infrastructure.rate_limit import QuestionRateLimiter
 from infrastructure.redis_client import create_redis
-from infrastructure.runtime_tuning import freeze_startup_heap, limit_blas_threads, release_freed_memory
+from infrastructure.runtime_tuning import (
+    freeze_startup_heap,
+    limit_blas_threads,
+    release_freed_memory,
+    release_freed_memory_every,
+)
 from services.embedding_cache import DiskCache, MemoryCache, SharedCache
 from services.embedding_providers import EmbeddingProvider, LocalMiniLMProvider, OpenAIProvider
 from services.embeddings import EmbeddingService
@@ -323,6 +328,10 @@ async def start_services(settings: Settings, monitoring: Monitoring) -> Services
         asyncio.create_task(monitoring.loop_lag.run()),
     ]
     services.background.append(asyncio.create_task(services.knowledge_manager.run()))
+    if settings.memory_trim_interval_seconds > 0:
+        services.background.append(
+            asyncio.create_task(release_freed_memory_every(settings.memory_trim_interval_seconds))
+        )
     if question_log.enabled:
         services.background += [asyncio.create_task(question_log.run()), asyncio.create_task(question_log.run_purge())]
     return services

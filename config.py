@@ -132,6 +132,7 @@ class Settings(BaseSettings):
     max_sessions: int = Field(default=10_000, gt=0)
     session_max_turns: int = Field(default=20, gt=0)
     session_cleanup_interval_seconds: float = Field(default=60.0, gt=0)
+    memory_trim_interval_seconds: float = Field(default=20.0, ge=0.0)  # give freed memory back to the OS; 0 = never
     max_sessions_per_client: int = Field(default=100, gt=0)
     session_wait_seconds: float = Field(default=15.0, ge=0.0, le=600.0)
 

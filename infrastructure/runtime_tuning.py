@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import ctypes.util
+import functools
 import gc
+from collections.abc import Callable
 
 from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]
 
@@ -29,17 +32,34 @@ def freeze_startup_heap() -> None:
     gc.freeze()
 
 
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    library = ctypes.util.find_library("c")
+    if library is None:
+        return None
+    trim: Callable[[int], int] | None = getattr(ctypes.CDLL(library), "malloc_trim", None)
+    return trim  # None where the C library is not glibc (e.g. musl)
+
+
 def release_freed_memory() -> bool:
-    """Hand memory freed during start-up back to the OS (glibc's malloc_trim); False where unavailable.
+    """Hand memory the process freed back to the OS (glibc's malloc_trim); False where unavailable (blocking).
 
     Loading the index allocates and frees tens of MB that glibc would otherwise keep mapped: measured here,
     a warm start idles at ~358 MB RSS with the trim instead of ~404 MB.
     """
-    library = ctypes.util.find_library("c")
-    if library is None:
+    trim = _malloc_trim()
+    if trim is None:
         return False
-    malloc_trim = getattr(ctypes.CDLL(library), "malloc_trim", None)
-    if malloc_trim is None:  # not glibc (e.g. musl)
-        return False
-    malloc_trim(0)
+    trim(0)
     return True
+
+
+async def release_freed_memory_every(interval_seconds: float) -> None:
+    """Trim freed memory every `interval_seconds`, off the event loop (MEMORY_TRIM_INTERVAL_SECONDS).
+
+    After a burst (thousands of sockets opened and closed, streams answered) glibc keeps the freed memory
+    mapped: measured after 3,000 WebSockets and 2,000 streams, RSS stayed ~220 MB over idle without a trim.
+    """
+    while True:
+        await asyncio.sleep(interval_seconds)
+        await asyncio.to_thread(release_freed_memory)
