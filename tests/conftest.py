@@ -110,6 +110,41 @@ def server(server_factory: Callable[..., ServerProcess]) -> ServerProcess:
     return server_factory()
 
 
+@pytest.fixture(scope="session")
+def slow_stream_server(server_factory: Callable[..., ServerProcess]) -> ServerProcess:
+    """30 ms between words, so an answer streams for seconds (hang up, cancel or ask again in the middle).
+
+    One for the session: the modules that need it read only what their own requests did.
+    """
+    return server_factory(STREAM_WORD_DELAY_MS="30")
+
+
+@pytest.fixture(scope="session")
+def busy_session_server(server_factory: Callable[..., ServerProcess]) -> ServerProcess:
+    """20 ms between words, and a question waits at most 0.2 s for the stream holding its session: then 409.
+
+    One for the session, like `slow_stream_server`.
+    """
+    return server_factory(STREAM_WORD_DELAY_MS="20", SESSION_WAIT_SECONDS="0.2")
+
+
+@pytest.fixture(scope="session")
+def two_worker_server(server_factory: Callable[..., ServerProcess]) -> tuple[ServerProcess, set[int]]:
+    """WORKERS=2, once both workers answer; with their pids.
+
+    One for the session: each test reads figures of its own route, or of each worker, never a global count.
+    """
+    server = server_factory(WORKERS="2")
+    pids: set[int] = set()
+
+    def both_ready() -> bool:  # the port answers once one worker is up; wait for the other as well
+        pids.add(httpx.get(f"{server.base_url}/performance-stats", timeout=10).json()["worker_pid"])
+        return len(pids) == 2
+
+    poll_until(both_ready, timeout=180, interval=0.05)
+    return server, pids
+
+
 @pytest.fixture()
 def client(server: ServerProcess) -> Iterator[httpx.Client]:
     """An httpx client bound to the default server."""

@@ -31,15 +31,33 @@ PHASES = [
     "ws_c1",
     "ws_c32",
     "ws_connections",
+    "sockets_idle",
+    "sockets_ask",
+    "sockets_sse",
+    "soak",
     "startup_cold",
     "startup_warm",
     "rss_idle",
     "rss_under_load",
+    "rss_after_load",
     "question_log_on",
     "question_log_off",
     "question_log_ratio",
 ]
 WRK_ONLY_PHASES = ["ask_unique_c1_httpx", "ask_unique_c32_httpx"]
+# Smaller than --smoke's own sizes, so the run does less, never less of it: every phase still runs and reports
+# (a closed-loop phase sends at least one request per worker however short it is; wrk runs at least 1 s).
+SMOKE_SIZES = {
+    "--duration": "0.5",
+    "--baseline-duration": "0.3",
+    "--sockets": "20",
+    "--socket-asks": "5",
+    "--sse-streams": "5",
+    "--socket-processes": "1",
+    "--socket-hold": "0.5",
+    "--soak-seconds": "4",
+    "--after-load-seconds": "0.5",
+}
 
 
 @pytest.mark.slow
@@ -52,6 +70,7 @@ def test_benchmark_smoke_run_reports_every_phase(tmp_path: Path, server: ServerP
             "-m",
             "bench.run",
             "--smoke",
+            *(item for option in SMOKE_SIZES.items() for item in option),
             "--index-from",
             str(shared_cache_dir),
             "--output",

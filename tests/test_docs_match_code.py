@@ -33,6 +33,7 @@ NOT_SETTINGS = {
     # Environment variables read by libraries or the image, not by config.Settings
     "HF_HUB_OFFLINE",  # Hugging Face libraries: no downloads (set in the image)
     "OPENBLAS_NUM_THREADS",  # NumPy's BLAS thread count (set in the image)
+    "PYTHONMALLOC",  # the interpreter's allocator (docs/performance.md: memory after a burst)
     "PROMETHEUS_MULTIPROC_DIR",  # prometheus-client's multiprocess directory (main.run sets it for WORKERS>1)
     "GRAFANA_ADMIN_PASSWORD",  # docker-compose.yml: Grafana's admin password, passed through from the shell
     # Shell variables of the README's curl examples

@@ -4,7 +4,8 @@
   127.0.0.1 are an ordinary client's; requests from 127.0.0.2 are the TLS-ending proxy's (Linux routes the
   whole of 127.0.0.0/8 to the loopback interface, so the test picks its source address).
 - the shared default server: `cache_entries{layer}` read from the very caches /performance-stats describes;
-- `two_workers` (WORKERS=2): `process_*{pid}` and `cache_entries{layer,pid}` for each worker.
+- `two_worker_server` (WORKERS=2, tests/conftest.py): `process_*{pid}` and `cache_entries{layer,pid}` for each
+  worker.
 """
 
 from __future__ import annotations
@@ -55,20 +56,6 @@ def proxy(https_server: ServerProcess) -> Iterator[httpx.Client]:
     transport = httpx.HTTPTransport(local_address=PROXY)
     with httpx.Client(base_url=https_server.base_url, transport=transport, timeout=30, trust_env=False) as http:
         yield http
-
-
-@pytest.fixture(scope="module")
-def two_workers(start_server: Callable[..., ServerProcess]) -> tuple[ServerProcess, set[int]]:
-    """WORKERS=2, once both workers answer; with their pids."""
-    server = start_server(WORKERS="2")
-    pids: set[int] = set()
-
-    def both_ready() -> bool:
-        pids.add(httpx.get(f"{server.base_url}/performance-stats", timeout=10).json()["worker_pid"])
-        return len(pids) == 2
-
-    poll_until(both_ready, timeout=180, interval=0.05)
-    return server, pids
 
 
 def scrape(server: ServerProcess) -> Samples:
@@ -217,8 +204,8 @@ def test_cache_entries_are_read_from_the_caches(cache_server: ServerProcess) -> 
 # --- several workers -----------------------------------------------------------------------------------------------
 
 
-def test_each_worker_reports_its_process_figures(two_workers: tuple[ServerProcess, set[int]]) -> None:
-    server, pids = two_workers
+def test_each_worker_reports_its_process_figures(two_worker_server: tuple[ServerProcess, set[int]]) -> None:
+    server, pids = two_worker_server
     pid_labels = {str(pid) for pid in pids}
     samples = scrape(server)
     resident = by_label(samples, "process_resident_memory_bytes", "pid")
@@ -247,9 +234,9 @@ def test_each_worker_reports_its_process_figures(two_workers: tuple[ServerProces
         assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_each_worker_reports_its_own_cache_sizes(two_workers: tuple[ServerProcess, set[int]]) -> None:
+def test_each_worker_reports_its_own_cache_sizes(two_worker_server: tuple[ServerProcess, set[int]]) -> None:
     """Questions on new connections reach both workers; each worker's `cache_entries{pid}` is its own cache."""
-    server, pids = two_workers
+    server, pids = two_worker_server
     for _ in range(8):
         httpx.post(f"{server.base_url}/ask", json={"question": unique_question()}, timeout=30)
     figures: dict[int, dict[str, Any]] = {}

@@ -7,7 +7,8 @@ Servers used here besides the shared default one (all on the warm shared cache, 
 - `open_production_server`: production mode without tokens (the start-up warning) and a budget of one
   question per minute (rate-limit rejections);
 - `failing_cache_server`: its own CACHE_DIR, so the test can break the disk cache under it;
-- `two_workers`: WORKERS=2, where /metrics must add both workers up.
+- `two_worker_server` (tests/conftest.py, shared with other modules): WORKERS=2, where /metrics must add
+  both workers up.
 """
 
 from __future__ import annotations
@@ -124,19 +125,6 @@ def failing_cache_server(
     cache = tmp_path_factory.mktemp("failing-cache")
     shutil.copytree(shared_cache_dir / "index", cache / "index")
     yield start_server(CACHE_DIR=str(cache)), cache / "embeddings"
-
-
-@pytest.fixture(scope="module")
-def two_workers(start_server: Callable[..., ServerProcess]) -> ServerProcess:
-    server = start_server(WORKERS="2")
-    pids: set[int] = set()
-
-    def both_ready() -> bool:  # the server answers as soon as one worker is up; wait for the other too
-        pids.add(httpx.get(f"{server.base_url}/system-metrics", timeout=10).json()["process"]["pid"])
-        return len(pids) == 2
-
-    wait_until(both_ready, timeout=180, interval=0.05)
-    return server
 
 
 # --- /metrics: exact deltas after real requests --------------------------------------------------------------
@@ -616,8 +604,9 @@ def test_performance_stats_move(ops_server: ServerProcess) -> None:
 # --- several workers -----------------------------------------------------------------------------------------
 
 
-def test_metrics_add_up_across_workers(two_workers: ServerProcess) -> None:
+def test_metrics_add_up_across_workers(two_worker_server: tuple[ServerProcess, set[int]]) -> None:
     """Requests on new connections spread over both workers; every scrape, whichever worker answers it, has the sum."""
+    two_workers, _ = two_worker_server
     base = two_workers.base_url
     route = "/v2/sessions/{session_id}"
     count = 40
@@ -644,8 +633,9 @@ def test_metrics_add_up_across_workers(two_workers: ServerProcess) -> None:
     assert [name for name, _ in samples if name == "defi_qa_bot_build_info"] == ["defi_qa_bot_build_info"]
     # Workers log uvicorn's own access line too, query string included: a `?token=` must not reach the log.
     secret = uuid.uuid4().hex
+    logged = two_workers.log().count('"path": "/dashboard"')
     assert httpx.get(f"{base}/dashboard", params={"token": secret}, timeout=10).status_code == 200
-    wait_until(lambda: '"path": "/dashboard"' in two_workers.log())
+    wait_until(lambda: two_workers.log().count('"path": "/dashboard"') > logged)
     time.sleep(0.5)  # uvicorn's line follows the middleware's
     assert secret not in two_workers.log()
     promtool = shutil.which("promtool")

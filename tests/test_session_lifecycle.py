@@ -12,7 +12,6 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -116,8 +115,8 @@ def test_connecting_creates_no_session_and_each_client_has_its_own_cap(store: Se
     assert follow_up["session_id"] == victim and follow_up["sources"][0]["id"] == "aave-risks"
 
 
-def test_a_question_waits_for_the_stream_running_on_its_session(start_server: Callable[..., ServerProcess]) -> None:
-    server = start_server(STREAM_WORD_DELAY_MS="15")
+def test_a_question_waits_for_the_stream_running_on_its_session(slow_stream_server: ServerProcess) -> None:
+    server = slow_stream_server  # an answer streams for seconds; a question waits up to 15 s for its session
     opener = ask(server.base_url, "What is a flash loan?").json()
     session_id = opener["session_id"]
 
@@ -142,8 +141,8 @@ def test_a_question_waits_for_the_stream_running_on_its_session(start_server: Ca
     assert turns(server.base_url, session_id) == ["What is a flash loan?", "What is Aave?", "what are its risks?"]
 
 
-def test_a_question_that_waits_too_long_is_refused_with_409(start_server: Callable[..., ServerProcess]) -> None:
-    server = start_server(STREAM_WORD_DELAY_MS="20", SESSION_WAIT_SECONDS="0.3")
+def test_a_question_that_waits_too_long_is_refused_with_409(busy_session_server: ServerProcess) -> None:
+    server = busy_session_server  # an answer streams for seconds; a question waits 0.2 s for its session
     session_id = ask(server.base_url, "What is a flash loan?").json()["session_id"]
     with httpx.Client(base_url=server.base_url, timeout=60) as http:
         payload = {"question": "What is Aave?", "session_id": session_id}
@@ -163,12 +162,11 @@ def test_a_question_that_waits_too_long_is_refused_with_409(start_server: Callab
 
 @needs_redis
 def test_a_frozen_redis_answers_fast_and_stores_nothing_it_reported_as_failed(
-    start_server: Callable[..., ServerProcess], tmp_path: Path
+    redis_backed: ServerProcess, redis_server: RedisServer
 ) -> None:
-    redis = RedisServer(tmp_path)
-    redis.start()
+    # The module's Redis-backed server (the tests above are done with it) and its Redis, frozen for 8 s.
+    redis, server = redis_server, redis_backed
     try:
-        server = start_server(REDIS_URL=redis.url, RATE_LIMIT_REQUESTS_PER_MINUTE="10000")
         session_id = ask(server.base_url, "What is Aave?").json()["session_id"]
 
         async def load(seconds: float) -> list[tuple[str, int, float]]:
@@ -206,7 +204,7 @@ def test_a_frozen_redis_answers_fast_and_stores_nothing_it_reported_as_failed(
         stored = set(turns(server.base_url, session_id) or [])
         assert not failed & stored, f"turns stored although the client got 503: {sorted(failed & stored)[:3]}"
     finally:
-        redis.stop()
+        redis.thaw()  # never left frozen for the next test (a no-op when it was thawed above)
 
 
 class SlowWriteProxy:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -109,9 +109,9 @@ def log_events(server: ServerProcess, event: str) -> list[Event]:
 
 
 @pytest.fixture(scope="module")
-def slow_server(start_server: Callable[..., ServerProcess]) -> ServerProcess:
-    """30 ms between words: an answer takes seconds, long enough to hang up in the middle."""
-    return start_server(STREAM_WORD_DELAY_MS="30")
+def slow_server(slow_stream_server: ServerProcess) -> ServerProcess:
+    """30 ms between words (the session's, tests/conftest.py): an answer takes seconds, long enough to hang up."""
+    return slow_stream_server
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -82,9 +81,9 @@ def test_stream_body_is_exactly_data_blocks(client: httpx.Client, method: str, u
         assert names.index("x-session-id") == names.index("x-accel-buffering") + 1  # right after the stream's own
 
 
-def test_error_event_bytes(start_server: Callable[..., ServerProcess]) -> None:
+def test_error_event_bytes(busy_session_server: ServerProcess) -> None:
     """A stream that cannot start (its session busy) ends with one exact `error` event."""
-    server = start_server(STREAM_WORD_DELAY_MS="40", SESSION_WAIT_SECONDS="0.2")
+    server = busy_session_server  # slow streams, a 0.2 s wait for a busy session (tests/conftest.py)
     with httpx.Client(base_url=server.base_url, timeout=30.0) as http:
         session_id = http.post("/v2/ask", json={"question": "What is Aave?"}).json()["session_id"]
         payload = {"question": "What is a flash loan?", "session_id": session_id}

@@ -11,8 +11,8 @@ import pytest
 from agents.followup import extract_topic, resolve_follow_up
 from agents.validation import InvalidQuestionError, clean_question
 from infrastructure.runtime_tuning import freeze_startup_heap
-from services.knowledge_admin import diff_datasets, parse_dataset
-from services.knowledge_base import DatasetError, load_knowledge_base
+from services.knowledge_admin import diff_datasets
+from services.knowledge_base import DatasetError, load_knowledge_base, parse_dataset
 
 GOOD = {
     "id": "what-is-x",

@@ -12,7 +12,6 @@ import json
 import re
 import time
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
@@ -42,34 +41,20 @@ POLL_SECONDS = 10.0
 
 
 @pytest.fixture(scope="module")
-def servers(start_server: Callable[..., ServerProcess]) -> dict[str, ServerProcess]:
-    """Two configured servers, started side by side to save start-up time.
-
-    `slow`: 30 ms between words, so an answer lasts seconds (cancel, hang-ups).
-    `limits`: small frames, 20 messages a minute, a heartbeat every 0.3 s and an idle limit of 3 heartbeats.
-    """
-    configs = {
-        "slow": {"STREAM_WORD_DELAY_MS": "30"},
-        "limits": {
-            "WS_MAX_MESSAGE_BYTES": "2048",
-            "WS_MAX_MESSAGES_PER_MINUTE": "20",
-            "WS_HEARTBEAT_INTERVAL_SECONDS": "0.3",
-            "WS_IDLE_TIMEOUT_INTERVALS": "3",
-        },
-    }
-    with ThreadPoolExecutor(max_workers=len(configs)) as pool:
-        futures = {name: pool.submit(start_server, **env) for name, env in configs.items()}
-        return {name: future.result() for name, future in futures.items()}
+def slow_server(slow_stream_server: ServerProcess) -> ServerProcess:
+    """30 ms between words (the session's, tests/conftest.py), so an answer lasts seconds (cancel, hang-ups)."""
+    return slow_stream_server
 
 
 @pytest.fixture(scope="module")
-def slow_server(servers: dict[str, ServerProcess]) -> ServerProcess:
-    return servers["slow"]
-
-
-@pytest.fixture(scope="module")
-def limits_server(servers: dict[str, ServerProcess]) -> ServerProcess:
-    return servers["limits"]
+def limits_server(start_server: Callable[..., ServerProcess]) -> ServerProcess:
+    """Small frames, 20 messages a minute, a heartbeat every 0.3 s and an idle limit of 3 heartbeats."""
+    return start_server(
+        WS_MAX_MESSAGE_BYTES="2048",
+        WS_MAX_MESSAGES_PER_MINUTE="20",
+        WS_HEARTBEAT_INTERVAL_SECONDS="0.3",
+        WS_IDLE_TIMEOUT_INTERVALS="3",
+    )
 
 
 # --- helpers -------------------------------------------------------------------------------------------------
