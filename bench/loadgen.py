@@ -310,6 +310,20 @@ class WebSocketWorker(Worker):
                 await asyncio.wait_for(connection.close(), 5)
 
 
+async def await_bounded(
+    tasks: list[asyncio.Task[None]], limit_seconds: float, errors: Counter[str], reason: str
+) -> None:
+    """Wait for `tasks` at most `limit_seconds`; cancel the rest and count them in `errors` as "timeout: <reason>"."""
+    if not tasks:
+        return
+    _, pending = await asyncio.wait(tasks, timeout=limit_seconds)
+    for task in pending:
+        task.cancel()
+    if pending:
+        errors[f"timeout: {reason}"] += len(pending)
+        await asyncio.gather(*pending, return_exceptions=True)
+
+
 async def many_websockets(url: str, questions: list[str], limit_seconds: float) -> dict[str, Any]:
     """Open len(questions) connections at once; when all are open, each asks its question, then closes."""
     count = len(questions)
@@ -358,12 +372,7 @@ async def many_websockets(url: str, questions: list[str], limit_seconds: float) 
                 opened -= 1
 
     tasks = [asyncio.create_task(one(question)) for question in questions]
-    _, pending = await asyncio.wait(tasks, timeout=limit_seconds)
-    for task in pending:
-        task.cancel()
-    if pending:
-        errors["timeout: no answer within the phase limit"] += len(pending)
-        await asyncio.gather(*pending, return_exceptions=True)
+    await await_bounded(tasks, limit_seconds, errors, "no answer within the phase limit")
     elapsed = time.perf_counter() - started
     return {
         "connections": count,
@@ -398,12 +407,7 @@ async def many_streams(base_url: str, questions: list[str], limit_seconds: float
                     timings[name].append(value)
 
         tasks = [asyncio.create_task(one()) for _ in questions]
-        _, pending = await asyncio.wait(tasks, timeout=limit_seconds)
-        for task in pending:
-            task.cancel()
-        if pending:
-            errors["timeout: no answer within the phase limit"] += len(pending)
-            await asyncio.gather(*pending, return_exceptions=True)
+        await await_bounded(tasks, limit_seconds, errors, "no answer within the phase limit")
     elapsed = time.perf_counter() - started
     return {
         "streams": len(questions),

@@ -35,6 +35,7 @@ from bench.loadgen import (
     AnswerTimer,
     QuestionPool,
     StatusError,
+    await_bounded,
     describe_error,
     many_streams,
     measured,
@@ -122,12 +123,7 @@ class SocketHolder:
             self.sockets.append(held)
 
         tasks = [asyncio.create_task(one()) for _ in range(count)]
-        _, pending = await asyncio.wait(tasks, timeout=limit_seconds)
-        for task in pending:
-            task.cancel()
-        if pending:
-            errors["timeout: not open within the phase limit"] += len(pending)
-            await asyncio.gather(*pending, return_exceptions=True)
+        await await_bounded(tasks, limit_seconds, errors, "not open within the phase limit")
         return {"opened": len(self.sockets), "errors": dict(errors), "connect_s": connect_times}
 
     def status(self) -> dict[str, Any]:
@@ -157,13 +153,7 @@ class SocketHolder:
                     timings[name].append(value)
 
         tasks = [asyncio.create_task(one(held, question)) for held, question in zip(asking, questions, strict=False)]
-        if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=limit_seconds)
-            for task in pending:
-                task.cancel()
-            if pending:
-                errors["timeout: no answer within the phase limit"] += len(pending)
-                await asyncio.gather(*pending, return_exceptions=True)
+        await await_bounded(tasks, limit_seconds, errors, "no answer within the phase limit")
         return {"asked": len(questions), "errors": dict(errors), **timings}
 
     async def close(self) -> dict[str, Any]:
