@@ -142,13 +142,22 @@ def _subjects_pattern(subjects: tuple[str, ...]) -> re.Pattern[str]:
     return re.compile("|".join(f"(?P<s{index}>{_subject_body(subjects[index])})" for index in order) or r"(?!)")
 
 
-def _named(text: str, subjects: Iterable[str]) -> list[str]:
-    """The `subjects` that `text` names, in the order named; one named only inside a longer one is not
-    ("staking" in "liquid staking tokens")."""
+@functools.lru_cache(maxsize=4096)
+def _catalogue(subjects: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    """`subjects` without repeats, each with its letters run together ("E-Mode" -> "emode")."""
+    return tuple((subject, _words(subject).replace(" ", "")) for subject in _unique(subjects))
+
+
+def _named(text: str, *groups: Iterable[str]) -> list[str]:
+    """The subjects of `groups` (taken in order, repeats dropped) that `text` names, in the order named; one
+    named only inside a longer one is not ("staking" in "liquid staking tokens")."""
     words = _words(text)
     compact = words.replace(" ", "")
-    # a cheap filter first (a subject's letters must appear in the text), then one pattern for the few left
-    present = tuple(subject for subject in _unique(subjects) if _words(subject).replace(" ", "") in compact)
+    # a cheap filter first (a subject's letters must appear in the text), then one pattern for the few left;
+    # each group's words are worked out once (the knowledge base's vocabulary is one group for every entry)
+    present = _unique(
+        subject for group in groups for subject, letters in _catalogue(tuple(group)) if letters in compact
+    )
     if not present:
         return []
     found = (match.lastgroup for match in _subjects_pattern(present).finditer(words))
@@ -194,7 +203,7 @@ def conversation_subjects(text: str, matches: Sequence[Match], threshold: float)
     if not matches or matches[0].score < threshold:
         return ()
     top = matches[0].entry
-    named = _named(text, [*top.subjects, *top.vocabulary])
+    named = _named(text, top.subjects, top.vocabulary)
     own = [subject for subject in named if any(_same(subject, mine) for mine in top.subjects)]
     others = [subject for subject in named if subject not in own]
     return _unique([*top.subjects[:1], *own, *others, *top.subjects])[:MAX_SUBJECTS]

@@ -4,7 +4,8 @@
     python -m bench.profile --duration 20 --concurrency 32
 
 Starts the real server as `python -m bench.run` does, drives POST /ask with unique questions (or
-`--mode repeated`: cached ones; `--mode health`: GET /health) at the given concurrency, records the
+`--mode repeated`: cached ones; `--mode health`: GET /health; `--mode sse` / `--mode websocket`: unique
+questions answered as a stream) at the given concurrency, records the
 server with `py-spy record --threads` meanwhile, and prints where the sampled time went: per thread,
 per package of the innermost frame, and the hottest frames. The raw collapsed stacks go to
 bench/results/profile-raw.txt (open them in speedscope or flamegraph.pl).
@@ -23,7 +24,16 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from bench.loadgen import AskWorker, HealthWorker, QuestionPool, Worker, closed_loop, http_client
+from bench.loadgen import (
+    AskWorker,
+    HealthWorker,
+    QuestionPool,
+    SSEWorker,
+    WebSocketWorker,
+    Worker,
+    closed_loop,
+    http_client,
+)
 from bench.run import QUESTIONS_FILE, seed_index, store_index
 from bench.server import BenchServer
 
@@ -96,17 +106,25 @@ def summarize(raw: Path, top: int = 25) -> str:
     return "\n".join(out)
 
 
-async def drive(base_url: str, pool: QuestionPool, concurrency: int, duration: float, health: bool = False) -> None:
+async def drive(base_url: str, pool: QuestionPool, concurrency: int, duration: float, mode: str = "unique") -> None:
+    """Closed-loop load of `mode` (unique or repeated /ask, /health, SSE or WebSocket answers) for `duration` s."""
     async with http_client(base_url, concurrency) as client:
 
         def worker() -> Worker:
-            return HealthWorker(client) if health else AskWorker(client, pool.take)
+            if mode == "health":
+                return HealthWorker(client)
+            if mode == "sse":
+                return SSEWorker(client, pool.take)
+            if mode == "websocket":
+                return WebSocketWorker(base_url.replace("http", "ws", 1) + "/ws/ask", pool.take)
+            return AskWorker(client, pool.take)
 
         outcome = await closed_loop(worker, concurrency, duration, 10**9)
     figures = outcome.to_json()
+    latency = figures["latency_ms"].get("latency") or figures["latency_ms"].get("complete") or {}
     print(
         f"load: {figures['completed']} answers in {figures['elapsed_s']} s = {figures['throughput_per_s']} /s, "
-        f"p50 {figures['latency_ms']['latency']['p50']} ms, errors {figures['errors']}"
+        f"p50 {latency.get('p50')} ms, errors {figures['errors']}"
     )
 
 
@@ -119,9 +137,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE")
     parser.add_argument(
         "--mode",
-        choices=["unique", "repeated", "health"],
+        choices=["unique", "repeated", "health", "sse", "websocket"],
         default="unique",
-        help="POST /ask with unique questions, with 32 questions over and over (cache hits), or GET /health",
+        help="POST /ask with unique questions, with 32 questions over and over (cache hits), GET /health, "
+        "or unique questions answered over SSE (/ask-stream) or a WebSocket (/ws/ask)",
     )
     parser.add_argument("--output", type=Path, default=RESULTS / "profile-raw.txt")
     args = parser.parse_args(argv)
@@ -164,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
                 command.append("--native")
             recorder = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
             time.sleep(0.5)
-            asyncio.run(drive(server.base_url, pool, args.concurrency, args.duration + 1.0, args.mode == "health"))
+            asyncio.run(drive(server.base_url, pool, args.concurrency, args.duration + 1.0, args.mode))
             output, _ = recorder.communicate(timeout=60)
             if recorder.returncode != 0:
                 print(output.decode(errors="replace"), file=sys.stderr)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import json
 from pathlib import Path
@@ -113,3 +114,60 @@ def test_a_new_subject_changes_no_other_entry() -> None:
     proposed = parse_dataset(json.dumps([entries[0], changed, *entries[2:], added]).encode(), "request")
     assert proposed.entries[0].vocabulary != live.entries[0].vocabulary  # the private part did change
     assert diff_datasets(live, proposed) == {"added": ["zorblax-token"], "changed": [entries[1]["id"]], "removed": []}
+
+
+class _RecordingSocket:
+    """Stands in for the OS socket under a transport: records each write, in order."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.closing = False
+        self.aborted = False
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        self.closing = True
+
+    def abort(self) -> None:
+        self.closing = self.aborted = True
+
+    def get_extra_info(self, name: str) -> str:
+        return f"extra:{name}"
+
+
+async def test_websocket_writes_of_one_loop_turn_reach_the_socket_as_one() -> None:
+    from infrastructure.http_server import CoalescingTransport
+
+    socket = _RecordingSocket()
+    transport = CoalescingTransport(socket, asyncio.get_running_loop())
+    for frame in (b"word-1 ", b"word-2 ", b"word-3"):
+        transport.write(frame)
+    assert socket.writes == []  # held until the end of this turn of the loop
+    await asyncio.sleep(0)
+    assert socket.writes == [b"word-1 word-2 word-3"]
+    transport.write(b"single")
+    await asyncio.sleep(0)
+    assert socket.writes[-1] == b"single"
+    transport.write(b"last words")
+    transport.close()  # what is queued goes out before the close
+    assert socket.writes[-1] == b"last words" and socket.closing
+    transport.write(b"after close")
+    await asyncio.sleep(0)
+    assert socket.writes[-1] == b"last words"  # nothing is written to a closing socket
+    assert transport.get_extra_info("peername") == "extra:peername"
+
+
+async def test_websocket_abort_drops_what_is_queued() -> None:
+    from infrastructure.http_server import CoalescingTransport
+
+    socket = _RecordingSocket()
+    transport = CoalescingTransport(socket, asyncio.get_running_loop())
+    transport.write(b"never sent")
+    transport.abort()
+    await asyncio.sleep(0)
+    assert socket.writes == [] and socket.aborted

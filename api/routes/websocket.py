@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import functools
 import json
 import time
 from collections.abc import Coroutine
@@ -21,6 +22,7 @@ from urllib.parse import urlsplit
 
 import structlog
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+from prometheus_client import Counter
 from pydantic import ValidationError
 from starlette.websockets import WebSocketState
 
@@ -48,6 +50,12 @@ REFERENCE_PREFIX = "\n\n📚 **Reference**: "
 POLICY_VIOLATION = 1008
 _CLIENT_TYPES = frozenset({"question", "cancel", "ping", "heartbeat_response", "feedback"})
 _background: set[asyncio.Task[None]] = set()  # short tasks started from callbacks (heartbeats, drains)
+
+
+@functools.cache
+def _sent_counter(kind: str) -> Counter:
+    """The sent-messages counter of one message type, looked up once (a type is one of the protocol's few)."""
+    return WEBSOCKET_MESSAGES.labels(direction="out", type=kind)
 
 
 def _in_background(coroutine: Coroutine[Any, Any, None], name: str) -> None:
@@ -100,7 +108,7 @@ class ChatConnection:
         message = {**message, "timestamp": time.time()}
         async with self._send_lock:
             await self.websocket.send_text(json.dumps(message))
-        WEBSOCKET_MESSAGES.labels(direction="out", type=str(message.get("type"))).inc()
+        _sent_counter(str(message.get("type"))).inc()
 
     async def send_error(self, detail: str, reason: str, status: int) -> None:
         """An `error` message (agents.events.ErrorEvent): `code` the status REST would answer, `reason` why."""
