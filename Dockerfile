@@ -2,8 +2,11 @@
 # here at build time, so the container needs no network at run time.
 FROM python:3.11-slim
 
+# PYTHONMALLOC=malloc: Python's objects come from glibc, whose freed memory the server gives back to the
+# system after a burst of connections (docs/performance.md, "memory after the load"); no CPU cost measured.
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
+    PYTHONMALLOC=malloc \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     HF_HUB_OFFLINE=1 \

@@ -32,6 +32,8 @@ BENCH_ENV = {
     # The sockets phase holds 10,000 WebSockets at once (4,000 by default, then 503); the file-descriptor
     # limit, which the benchmark raises to its hard limit before it starts the server, is the real cap.
     "MAX_CONNECTIONS": "100000",
+    # The interpreter's allocator as the image, the Procfile and `make run` start the server.
+    "PYTHONMALLOC": "malloc",
 }
 
 

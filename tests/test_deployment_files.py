@@ -182,6 +182,14 @@ def test_one_start_command_everywhere() -> None:
     assert (ROOT / service["dockerfilePath"]).resolve() == ROOT / "Dockerfile"
 
 
+def test_the_image_and_the_procfile_use_the_allocator_that_gives_memory_back(tmp_path: Path) -> None:
+    """PYTHONMALLOC=malloc (docs/performance.md): render.yaml and railway.toml run the image, so its ENV counts."""
+    _, env = captured_launch("Procfile", tmp_path)
+    assert env.get("PYTHONMALLOC") == "malloc"
+    image_env = [word for name, arguments in dockerfile_instructions() if name == "ENV" for word in arguments.split()]
+    assert "PYTHONMALLOC=malloc" in image_env
+
+
 @pytest.mark.parametrize("platform", sorted(EXPECTED))
 def test_each_platform_file_hands_main_py_the_documented_settings(platform: str, tmp_path: Path) -> None:
     argv, env = captured_launch(platform, tmp_path, PORT="5123")
