@@ -184,7 +184,10 @@ class DeFiAgent:
                 context=self._context(snapshot),
                 stream_mode=["custom", "values"],
             ):
-                if mode == "custom":
+                if mode == "custom" and isinstance(chunk, tuple):  # several events at once (agents.graph.compose)
+                    for event in chunk:
+                        yield cast(StreamEvent, event)
+                elif mode == "custom":
                     yield cast(StreamEvent, chunk)
                 else:
                     final = cast(AgentState, chunk)

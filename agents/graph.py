@@ -6,7 +6,8 @@ chat model) arrive through LangGraph's runtime context (`agents.context.GraphCon
 can be called on its own.
 
 When the caller streams (`streaming=True`), `compose` and `generate` write typed stream events
-(`agents.events`) through the runtime's stream writer; `ainvoke` callers get the final state only.
+(`agents.events`) through the runtime's stream writer (the words of an extractive answer, all ready at
+once, as one tuple); `ainvoke` callers get the final state only.
 Steps are only as fine as they need to be: each node, and each conditional edge, costs a fixed
 ~0.1-0.26 ms of CPU in LangGraph (docs/performance.md).
 
@@ -234,10 +235,12 @@ async def compose(state: AgentState, *, runtime: Runtime[GraphContext]) -> Updat
         confidence = state["confidence"]
         write(MetadataEvent(state.get("session_id"), len(words), confidence, tuple(sources), tuple(unknown)))
         delay = context.settings.word_delay_seconds
-        for index, word in enumerate(words):
-            if delay > 0:
+        if delay > 0:
+            for index, word in enumerate(words):
                 await asyncio.sleep(delay)
-            write(WordEvent(word, index, confidence))
+                write(WordEvent(word, index, confidence))
+        else:  # every word is ready now: one chunk through LangGraph's stream instead of one per word
+            write(tuple(WordEvent(word, index, confidence) for index, word in enumerate(words)))
     return {"answer": answer, "sources": sources, "processing_stage": stage, "error": None, "unknown_terms": unknown}
 
 

@@ -202,8 +202,9 @@ async def test_compose_answers_from_the_top_entry_and_streams_typed_events(retri
     ]
     words = ENTRIES[0].answer.split()
     assert written[0] == MetadataEvent("s1", len(words), 0.9123, tuple(update["sources"]))
-    assert written[1:] == [WordEvent(word, index, 0.9123) for index, word in enumerate(words)]
-    assert written[1].to_wire() == {"type": "word", "content": "Aave", "index": 0, "confidence": 0.9123}
+    # every word is ready at once: one chunk holding all of them, in order (the agent yields them one by one)
+    assert written[1:] == [tuple(WordEvent(word, index, 0.9123) for index, word in enumerate(words))]
+    assert written[1][0].to_wire() == {"type": "word", "content": "Aave", "index": 0, "confidence": 0.9123}
 
 
 async def test_compose_declines_below_the_threshold_and_writes_nothing_unless_streaming(
