@@ -23,6 +23,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import signal
 import sys
@@ -51,6 +52,7 @@ from bench.loadgen import (
     measured,
     run_wrk,
     run_wrk_once,
+    scrape_metrics,
     wrk_path,
 )
 from bench.server import ROOT, BenchServer, ProcessWatch, raise_fd_limit
@@ -377,7 +379,7 @@ class Runner:
                 await self.sockets_phases(control)
             if only in (None, "soak"):
                 await self.soak_phase(control)
-            await self.after_load()
+            await self.after_load(control)
 
     async def warm_up(self) -> None:
         """Connection pools, the first LangGraph runs, numpy and onnxruntime allocations; then the idle RSS."""
@@ -497,8 +499,9 @@ class Runner:
             self.server, self.watch, control, self.pool, args.soak_seconds, args.soak_concurrency, self.log
         )
 
-    async def after_load(self) -> None:
-        """The server's RSS `--after-load-seconds` after the last load phase (sampled every 5 s meanwhile)."""
+    async def after_load(self, control: httpx.AsyncClient) -> None:
+        """The server's RSS `--after-load-seconds` after the last load phase (sampled every 5 s meanwhile), and
+        what the server still holds by design then: live sessions (until SESSION_TTL_SECONDS) and cache entries."""
         seconds = self.args.after_load_seconds
         self.log(f"rss_after_load: the server idles {seconds:g} s after the last load phase")
         started = time.perf_counter()
@@ -514,8 +517,19 @@ class Runner:
             "rss_idle_mb": idle,
             "above_idle_mb": round(rss - idle, 1),
             "series_mb": [*series, [round(time.perf_counter() - started, 1), rss]],
+            "still_held": await still_held(control),
         }
         self.log(f"rss_after_load: {rss} MB ({rss - idle:+.1f} MB against idle)")
+
+
+async def still_held(control: httpx.AsyncClient) -> dict[str, int]:
+    """Live sessions and cache entries per layer, from the server's /metrics."""
+    metrics = await scrape_metrics(control)
+    held = {"sessions": int(metrics.get("active_sessions", 0))}
+    for name, value in metrics.items():
+        if name.startswith("cache_entries{") and (layer := re.search(r'layer="([^"]+)"', name)):
+            held[f"cache_{layer.group(1)}"] = int(value)
+    return held
 
 
 def _new_loop_runner() -> Callable[[Any], Any]:
@@ -899,6 +913,12 @@ def render_table(results: dict[str, Any]) -> str:
             f"| server RSS {_fmt(after['seconds_after_load'], 0)} s after the last load phase | "
             f"{_fmt(after['rss_mb'])} MB ({after['above_idle_mb']:+,.1f} MB against idle) |"
         )
+        if held := after.get("still_held"):
+            extra.append(
+                "| … what the server still holds then (sessions live until their TTL; caches are bounded) | "
+                + ", ".join(f"{name.replace('_', ' ')} {count:,}" for name, count in held.items())
+                + " |"
+            )
     extra += _sockets_lines(phases) + _soak_lines(phases.get("soak"))
     extra += log_cost.summary_lines(phases.get(log_cost.SUMMARY))
     return table + "\n" + "\n".join(extra)

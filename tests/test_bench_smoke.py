@@ -101,3 +101,8 @@ def test_benchmark_smoke_run_reports_every_phase(tmp_path: Path, server: ServerP
     assert len(log_cost["legs"]) == 4, log_cost
     assert log_cost["rows_written_on"] > 0, log_cost
     assert log_cost["rows_written_off"] == 0, log_cost
+    # After the load, the run reports what the server still holds by design: the sessions its WebSocket and
+    # SSE phases opened (alive until their TTL) and the entries of each bounded cache.
+    held = results["phases"]["rss_after_load"]["still_held"]
+    assert held["sessions"] > 0, held
+    assert {"cache_memory", "cache_answer"} <= set(held), held
