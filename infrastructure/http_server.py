@@ -496,10 +496,10 @@ class CoalescingTransport:
     of one each. Everything else is the wrapped transport's; closing sends what is pending first.
     """
 
-    __slots__ = ("_loop", "_pending", "_transport")
+    __slots__ = ("_loop", "_pending", "wrapped")
 
     def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
-        self._transport = transport
+        self.wrapped = transport
         self._loop = loop
         self._pending: list[bytes] | None = None
 
@@ -514,21 +514,21 @@ class CoalescingTransport:
     def flush(self) -> None:
         """Hand what is queued to the socket in one write (nothing once the socket is closing)."""
         pending, self._pending = self._pending, None
-        if pending and not self._transport.is_closing():
-            self._transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
+        if pending and not self.wrapped.is_closing():
+            self.wrapped.write(pending[0] if len(pending) == 1 else b"".join(pending))
 
     def close(self) -> None:
         """Send what is queued, then close."""
         self.flush()
-        self._transport.close()
+        self.wrapped.close()
 
     def abort(self) -> None:
         """Drop what is queued and close at once."""
         self._pending = None
-        self._transport.abort()
+        self.wrapped.abort()
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self._transport, name)
+        return getattr(self.wrapped, name)
 
 
 class LimitedWebSocketProtocol(WebSocketsSansIOProtocol):
@@ -541,14 +541,13 @@ class LimitedWebSocketProtocol(WebSocketsSansIOProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Take the upgraded connection's transport, wrapped so that the writes of one turn go out together."""
-        self._socket_transport = transport
         super().connection_made(
             cast(asyncio.Transport, CoalescingTransport(cast(asyncio.Transport, transport), self.loop))
         )
 
     def connection_lost(self, exc: Exception | None) -> None:
         """Release the per-client and process slot, then close as uvicorn does."""
-        connection_guard().release(self._socket_transport)
+        connection_guard().release(cast(CoalescingTransport, self.transport).wrapped)
         super().connection_lost(exc)
 
     def send_receive_event_to_app(self) -> None:
